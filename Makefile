@@ -1,0 +1,73 @@
+# earshot: `make run` serves the demo, `make test` runs the whole suite. Both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+EARSHOT := $(VENV)/bin/earshot
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: help venv install install-test demo run test lint system-deps bench soak stack clean
+
+help:
+	@echo "make run    - install earshot and the demo models into $(VENV), serve on $(HOST):$(PORT)"
+	@echo "make test   - install test dependencies, lint, run the whole suite"
+	@echo "make lint   - ruff, mypy (strict, src/), import-linter"
+	@echo "make bench  - benchmarks (not part of make test), results in bench/results/"
+	@echo "make soak   - long soak under an eviction storm (minutes)"
+	@echo "make stack  - earshot + Prometheus + Alertmanager on loopback, configured from the repo"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+venv: $(PY)
+
+# Stamps: reinstall only when pyproject.toml changes.
+$(VENV)/.installed-run: pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[test,lint]'
+	@touch $@ $(VENV)/.installed-run
+
+$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed-test
+	$(PIP) install -q -e '.[test,lint,bench]'
+	@touch $@
+
+install: $(VENV)/.installed-run
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(EARSHOT) models install-demo
+
+run: demo
+	$(EARSHOT) serve --host $(HOST) --port $(PORT)
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+lint: install-test
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: install-test system-deps lint
+	$(EARSHOT) models install-demo
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-bench demo
+	$(PY) -m bench $(BENCH_ARGS)
+
+soak: install-test demo
+	EARSHOT_SOAK_SECONDS=$${EARSHOT_SOAK_SECONDS:-600} $(VENV)/bin/pytest -m soak tests/integration/test_soak.py -p no:cacheprovider -s
+
+stack: install-test demo system-deps
+	$(PY) scripts/stack.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
