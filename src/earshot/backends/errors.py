@@ -1,0 +1,55 @@
+"""Errors the backends raise for requests a loaded model cannot serve. Each is a ValueError: the request
+is at fault, not the server (API: 400). Out-of-memory is `earshot.cache.protocol.BackendOutOfMemory`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class BackendRequestError(ValueError):
+    """Base of the request errors a backend raises: the API answers 400 with the message."""
+
+    param: str | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnsupportedTask(BackendRequestError):
+    """The model cannot do what was asked (translation with an English-only Whisper model)."""
+
+    param = "model"
+
+
+class UnsupportedLanguage(BackendRequestError):
+    """The language is not one the model knows (or the model is English-only)."""
+
+    param = "language"
+
+
+class UnknownVoice(BackendRequestError):
+    """The voice is neither one of the model's voices nor an OpenAI voice name."""
+
+    param = "voice"
+
+    def __init__(self, voice: str, available: Iterable[str]) -> None:
+        self.voice = voice
+        self.available = sorted(available)
+        super().__init__(f"unknown voice {voice!r}; available voices: {', '.join(self.available)}")
+
+
+class InvalidSpeed(BackendRequestError):
+    """Speed outside 0.25-4.0."""
+
+    param = "speed"
+
+
+class InvalidInput(BackendRequestError):
+    """Input a model cannot process (empty text, an empty audio array...)."""
+
+    param = "input"
+
+
+class ModelUnloaded(RuntimeError):
+    """The handle was used after the cache unloaded it (a bug in the caller: it held no reference)."""

@@ -1,0 +1,378 @@
+"""faster-whisper (CTranslate2) speech-to-text behind the cache's Backend protocol.
+
+Everything here blocks: the cache calls `load`/`unload` in worker threads, and the API runs
+`WhisperHandle.transcribe` (or pulls `iter_segments`) in worker threads too. A handle can serve
+several requests at once (CTranslate2 queues them over `num_workers` workers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from earshot.backends._common import is_out_of_memory, spec_footprint
+from earshot.backends.errors import (
+    InvalidInput,
+    ModelUnloaded,
+    UnsupportedLanguage,
+    UnsupportedTask,
+)
+from earshot.cache.protocol import BackendOutOfMemory, ModelSpec
+from earshot.models.hub import local_path
+
+__all__ = [
+    "SAMPLE_RATE",
+    "Segment",
+    "SegmentStream",
+    "Transcript",
+    "WhisperBackend",
+    "WhisperHandle",
+    "Word",
+    "resolve_device",
+]
+
+#: Whisper takes 16 kHz mono float32 audio.
+SAMPLE_RATE = 16000
+
+WhisperTask = Literal["transcribe", "translate"]
+
+# OpenAI: "If set to 0, the model will use log probability to automatically increase the temperature
+# until certain thresholds are hit" - faster-whisper's fallback schedule.
+_FALLBACK_TEMPERATURES: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    start: float
+    end: float
+    word: str
+    probability: float
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    id: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+    words: list[Word] | None
+    seek: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    text: str  # the segments' text joined, stripped
+    language: str  # ISO-639-1 code (detected, or the one requested); "en" for English-only models
+    duration: float  # seconds of input audio
+    segments: list[Segment]
+    language_probability: float = 1.0
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> "cuda" when CTranslate2 sees a CUDA device, else "cpu"; anything else as given."""
+    if device != "auto":
+        return device
+    try:
+        import ctranslate2
+
+        return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    except Exception:  # no CUDA driver, broken install: run on CPU
+        return "cpu"
+
+
+def _convert_segment(seg: Any) -> Segment:
+    words = None
+    if seg.words is not None:
+        words = [
+            Word(start=float(w.start), end=float(w.end), word=str(w.word), probability=float(w.probability))
+            for w in seg.words
+        ]
+    return Segment(
+        id=int(seg.id),
+        start=float(seg.start),
+        end=float(seg.end),
+        text=str(seg.text),
+        tokens=[int(t) for t in seg.tokens],
+        temperature=float(seg.temperature if seg.temperature is not None else 0.0),
+        avg_logprob=float(seg.avg_logprob),
+        compression_ratio=float(seg.compression_ratio),
+        no_speech_prob=float(seg.no_speech_prob),
+        words=words,
+        seek=int(getattr(seg, "seek", 0)),
+    )
+
+
+class SegmentStream(Iterator[Segment]):
+    """The segments of one transcription, decoded as they are pulled (each `next()` blocks while the
+    model decodes the next window). `language`, `language_probability` and `duration` are known from
+    the start. `close()` (or dropping it) stops decoding."""
+
+    def __init__(self, generator: Iterator[Any], info: Any, model_id: str) -> None:
+        self._generator = generator
+        self._model_id = model_id
+        self.language: str = str(info.language)
+        self.language_probability: float = float(info.language_probability)
+        self.duration: float = float(info.duration)
+
+    def __iter__(self) -> SegmentStream:
+        return self
+
+    def __next__(self) -> Segment:
+        try:
+            seg = next(self._generator)
+        except StopIteration:
+            raise
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise BackendOutOfMemory(
+                    f"{self._model_id}: out of memory while transcribing: {exc}"
+                ) from exc
+            raise
+        return _convert_segment(seg)
+
+    def close(self) -> None:
+        close = getattr(self._generator, "close", None)
+        if callable(close):
+            close()
+
+
+class WhisperHandle:
+    """A loaded faster-whisper model: what the cache hands the API."""
+
+    def __init__(self, model: Any, *, model_id: str, device: str, compute_type: str) -> None:
+        self._model: Any = model
+        self.model_id = model_id
+        self.device = device
+        # what CTranslate2 chose ("auto"/"default" resolved, e.g. int8_float32 on CPU)
+        self.compute_type = str(getattr(model.model, "compute_type", compute_type))
+        self.multilingual: bool = bool(model.model.is_multilingual)
+        self.supported_languages: frozenset[str] = frozenset(model.supported_languages)
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> Any:
+        """The faster_whisper.WhisperModel (raises `ModelUnloaded` after unload)."""
+        model = self._model
+        if model is None:
+            raise ModelUnloaded(f"model {self.model_id!r} was unloaded")
+        return model
+
+    def _release(self) -> Any:
+        with self._lock:
+            model, self._model = self._model, None
+        return model
+
+    def _check(
+        self,
+        audio: npt.ArrayLike,
+        task: str,
+        language: str | None,
+        temperature: float | None,
+        beam_size: int,
+    ) -> tuple[npt.NDArray[np.float32], str | None, tuple[float, ...]]:
+        if task not in ("transcribe", "translate"):
+            raise UnsupportedTask(f"unknown task {task!r}; expected 'transcribe' or 'translate'")
+        if task == "translate" and not self.multilingual:
+            raise UnsupportedTask(
+                f"model {self.model_id!r} is English-only and cannot translate; use a multilingual model"
+            )
+        if language is not None:
+            language = language.strip().lower() or None
+        if language is not None and language not in self.supported_languages:
+            if not self.multilingual:
+                raise UnsupportedLanguage(
+                    f"model {self.model_id!r} is English-only; language {language!r} is not supported"
+                )
+            raise UnsupportedLanguage(
+                f"unknown language {language!r}; expected an ISO-639-1 code such as 'en'"
+            )
+        if temperature is None or temperature == 0:
+            temperatures = _FALLBACK_TEMPERATURES
+        elif not (0.0 <= temperature <= 1.0) or math.isnan(temperature):
+            raise InvalidInput(f"temperature must be between 0 and 1, got {temperature}")
+        else:
+            temperatures = (float(temperature),)
+        if beam_size < 1:
+            raise InvalidInput("beam_size must be at least 1")
+        samples = np.asarray(audio, dtype=np.float32)
+        if samples.ndim != 1:
+            raise InvalidInput(f"expected mono audio (a 1-D array), got shape {samples.shape}")
+        if samples.size == 0:
+            raise InvalidInput("the audio is empty")
+        return np.ascontiguousarray(samples), language, temperatures
+
+    def stream(
+        self,
+        audio: npt.ArrayLike,
+        *,
+        task: WhisperTask = "transcribe",
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float | None = None,
+        word_timestamps: bool = False,
+        vad_filter: bool = False,
+        hotwords: str | None = None,
+        beam_size: int = 5,
+    ) -> SegmentStream:
+        """Start a transcription (feature extraction and language detection run now) and return the
+        segments as an iterator that decodes each one when pulled. Blocking."""
+        samples, language, temperatures = self._check(audio, task, language, temperature, beam_size)
+        model = self.model
+        try:
+            generator, info = model.transcribe(
+                samples,
+                language=language,
+                task=task,
+                beam_size=beam_size,
+                temperature=list(temperatures),
+                initial_prompt=prompt or None,
+                word_timestamps=word_timestamps,
+                vad_filter=vad_filter,
+                hotwords=hotwords or None,
+            )
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise BackendOutOfMemory(f"{self.model_id}: out of memory while transcribing: {exc}") from exc
+            raise
+        return SegmentStream(iter(generator), info, self.model_id)
+
+    def iter_segments(
+        self,
+        audio: npt.ArrayLike,
+        *,
+        task: WhisperTask = "transcribe",
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float | None = None,
+        word_timestamps: bool = False,
+        vad_filter: bool = False,
+        hotwords: str | None = None,
+        beam_size: int = 5,
+    ) -> Iterator[Segment]:
+        """The segments one by one, each decoded when pulled: a generator, so nothing runs (not even
+        the option checks) until the first `next()`, which does the feature extraction and language
+        detection; pull it from a worker thread. Errors (`UnsupportedTask`...) surface at that first
+        `next()`. Closing the generator stops decoding."""
+        stream = self.stream(
+            audio,
+            task=task,
+            language=language,
+            prompt=prompt,
+            temperature=temperature,
+            word_timestamps=word_timestamps,
+            vad_filter=vad_filter,
+            hotwords=hotwords,
+            beam_size=beam_size,
+        )
+        try:
+            yield from stream
+        finally:
+            stream.close()
+
+    def transcribe(
+        self,
+        audio: npt.ArrayLike,
+        *,
+        task: WhisperTask = "transcribe",
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float | None = None,
+        word_timestamps: bool = False,
+        vad_filter: bool = False,
+        hotwords: str | None = None,
+        beam_size: int = 5,
+    ) -> Transcript:
+        """Transcribe (or translate into English) the whole input. Blocking."""
+        stream = self.stream(
+            audio,
+            task=task,
+            language=language,
+            prompt=prompt,
+            temperature=temperature,
+            word_timestamps=word_timestamps,
+            vad_filter=vad_filter,
+            hotwords=hotwords,
+            beam_size=beam_size,
+        )
+        try:
+            segments = list(stream)
+        finally:
+            stream.close()
+        return Transcript(
+            text="".join(s.text for s in segments).strip(),
+            language=stream.language,
+            duration=stream.duration,
+            segments=segments,
+            language_probability=stream.language_probability,
+        )
+
+
+class WhisperBackend:
+    """Loads faster-whisper models. `spec.options` may override `device`, `device_index`,
+    `compute_type`, `cpu_threads` and `num_workers` per model."""
+
+    def __init__(
+        self,
+        device: str = "auto",
+        compute_type: str = "auto",
+        cpu_threads: int = 0,
+        num_workers: int = 1,
+    ) -> None:
+        self.device = device
+        self.compute_type = compute_type
+        self.cpu_threads = cpu_threads
+        self.num_workers = num_workers
+
+    def load(self, spec: ModelSpec) -> WhisperHandle:
+        from faster_whisper import WhisperModel
+
+        path = Path(local_path(spec))
+        if not (path / "model.bin").is_file():
+            # WhisperModel would take a missing directory for a model name and try to download it
+            raise FileNotFoundError(f"model {spec.id!r}: no CTranslate2 model.bin in {path}")
+        opts = spec.options
+        device = resolve_device(str(opts.get("device", self.device)))
+        compute_type = str(opts.get("compute_type", self.compute_type))
+        try:
+            model = WhisperModel(
+                str(path),
+                device=device,
+                device_index=int(opts.get("device_index", 0)),
+                compute_type=compute_type,
+                cpu_threads=int(opts.get("cpu_threads", self.cpu_threads)),
+                num_workers=int(opts.get("num_workers", self.num_workers)),
+                local_files_only=True,
+            )
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise BackendOutOfMemory(f"{spec.id}: out of memory loading on {device}: {exc}") from exc
+            raise
+        return WhisperHandle(model, model_id=spec.id, device=device, compute_type=compute_type)
+
+    def unload(self, handle: WhisperHandle) -> None:
+        model = handle._release()
+        if model is None:
+            return
+        inner = getattr(model, "model", None)
+        unload_model = getattr(inner, "unload_model", None)
+        if callable(unload_model):
+            # Frees the weights now (GPU memory included) rather than whenever the last reference goes.
+            with contextlib.suppress(Exception):  # best effort: the references go below anyway
+                unload_model()
+        del inner, model
+
+    def footprint(self, spec: ModelSpec) -> int:
+        return spec_footprint(spec)

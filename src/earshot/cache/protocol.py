@@ -1,0 +1,121 @@
+"""What the cache holds and how it talks to the things that load models.
+
+Stdlib only: the cache core is tested with a fake backend and run with real ones, so nothing
+here may know about faster-whisper, Kokoro, Litestar or Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+
+class Task(StrEnum):
+    """What a model does. The values are the `task` label of every metric."""
+
+    TRANSCRIPTION = "transcription"
+    SPEECH = "speech"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the catalog: everything needed to load it, nothing loaded yet.
+
+    `id` is the canonical catalog id (aliases are resolved before the cache sees a request), so it
+    is safe as a metric label. `path` is a local directory (already checked to stay inside
+    `models_dir`, or given explicitly by the operator); `repo_id` a Hugging Face repo to fetch
+    when `path` is None. `size_bytes` is the footprint estimate from file sizes, used for the
+    memory budget until the first load has measured the real one.
+    """
+
+    id: str
+    task: Task
+    source: str  # "local" | "config" | "hf"
+    path: Path | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    pin: bool = False
+    idle_timeout: float | None = None  # per-model override of model_idle_timeout (-1, 0, N seconds)
+    size_bytes: int = 0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Loads and unloads models of one task. Every method is blocking and runs in a worker thread."""
+
+    def load(self, spec: ModelSpec) -> Any:
+        """Load the model and return a handle to it (whatever the API layer uses to run inference).
+
+        Raise `BackendOutOfMemory` when the failure is an out-of-memory condition, so the cache can
+        evict idle models and retry once; any other exception is a plain load failure.
+        """
+        ...
+
+    def unload(self, handle: Any) -> None:
+        """Drop every reference the backend keeps to the handle and free device memory it holds."""
+        ...
+
+    def footprint(self, spec: ModelSpec) -> int:
+        """Estimated resident bytes of the model before it was ever loaded (from file sizes)."""
+        ...
+
+
+class BackendOutOfMemory(Exception):
+    """A backend could not load a model for lack of memory (host RAM or GPU)."""
+
+
+class MemoryProbe(Protocol):
+    """Reads this process's memory now, per device: {"cpu": rss_bytes, "cuda:0": bytes, ...}.
+
+    Called from worker threads around each load and unload; the difference is the measured
+    footprint (or the memory released). Must be thread-safe and cheap.
+    """
+
+    def __call__(self) -> Mapping[str, int]: ...
+
+
+def rss_probe() -> Mapping[str, int]:
+    """Resident set size of this process from /proc (Linux); {} where /proc is absent."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            resident_pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return {}
+    import resource
+
+    return {"cpu": resident_pages * resource.getpagesize()}
+
+
+class Clock(Protocol):
+    """Time as the cache sees it. Real by default; tests drive a fake one instead of sleeping."""
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back (deadlines, durations)."""
+        ...
+
+    def wall(self) -> float:
+        """Seconds since the epoch (what `loaded_at`, `last_used_at`, `expires_at` report)."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep `seconds` of this clock's time (cancellable)."""
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
