@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Install the system tools the ops and end-to-end tests need, when missing:
+#   promtool, prometheus            (Debian package "prometheus")
+#   amtool, prometheus-alertmanager (Debian package "prometheus-alertmanager")
+# Idempotent: does nothing (and prints nothing) when all four are on PATH. Uses sudo only when not
+# root. Debian/Ubuntu (apt-get) only; elsewhere it says what to install and fails.
+set -euo pipefail
+
+declare -A package_of=(
+  [promtool]=prometheus
+  [prometheus]=prometheus
+  [amtool]=prometheus-alertmanager
+  [prometheus-alertmanager]=prometheus-alertmanager
+)
+
+missing_packages() {
+  local cmd
+  for cmd in "${!package_of[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || echo "${package_of[$cmd]}"
+  done | sort -u
+}
+
+die() { echo "install-system-deps: $*" >&2; exit 1; }
+
+mapfile -t packages < <(missing_packages)
+[ "${#packages[@]}" -eq 0 ] && exit 0
+
+command -v apt-get >/dev/null 2>&1 \
+  || die "need ${packages[*]} (promtool, amtool, prometheus, prometheus-alertmanager) and there is no apt-get; install them with your package manager"
+
+sudo=()
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null 2>&1 || die "not root and no sudo: run as root: apt-get install ${packages[*]}"
+  sudo=(sudo)
+fi
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+apt() { "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "$@" >>"$log" 2>&1; }
+
+echo "install-system-deps: installing ${packages[*]}" >&2
+if ! apt update -q || ! apt install -y -q --no-install-recommends "${packages[@]}"; then
+  tail -n 40 "$log" >&2
+  die "apt-get failed (see above)"
+fi
+
+mapfile -t still < <(missing_packages)
+[ "${#still[@]}" -eq 0 ] || die "installed ${packages[*]} but still missing commands from: ${still[*]}"
