@@ -1,0 +1,107 @@
+"""Typed events the cache publishes for every decision it makes.
+
+Metrics, logs, traces and `/api/events` are observers of these; none of them keeps a second copy
+of the cache's state. Observers are called synchronously, in the task that caused the event, so
+the request's trace and log context are current. An observer that raises is logged by the cache
+and never breaks a request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+class EvictionReason(StrEnum):
+    IDLE = "idle"
+    CAPACITY = "capacity"
+    MEMORY = "memory"
+    MANUAL = "manual"
+    SHUTDOWN = "shutdown"
+
+
+class LoadFailureKind(StrEnum):
+    """The `outcome` label of a failed load.
+
+    `failure` (bad files, backend error, out of memory) or `timeout`.
+    """
+
+    FAILURE = "failure"
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheEvent:
+    model: str
+    task: str
+    at: float  # wall-clock seconds since the epoch
+
+    @property
+    def kind(self) -> str:
+        """Stable snake_case name of the event, used as `event=` in logs and `/api/events`."""
+        return _KINDS[type(self)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hit(CacheEvent):
+    """The model was loaded already."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Miss(CacheEvent):
+    """This request started the load of the model."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Coalesced(CacheEvent):
+    """A load of the model was already under way; this request waits for that one load."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadStarted(CacheEvent):
+    reload: bool  # evicted less than thrash_window_seconds ago
+
+
+@dataclass(frozen=True, kw_only=True)
+class Loaded(CacheEvent):
+    duration_s: float
+    footprint_bytes: int  # total over devices
+    footprint: Mapping[str, int] = field(default_factory=dict)  # per device: {"cpu": ..., "cuda:0": ...}
+    measured: bool = True  # False when the measurement was unusable and the estimate stands in
+    reload: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadFailed(CacheEvent):
+    duration_s: float
+    error_kind: LoadFailureKind
+    message: str
+    out_of_memory: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evicted(CacheEvent):
+    reason: EvictionReason
+    idle_s: float  # time since the last reference went (0 when evicted while just released)
+    resident_s: float  # loaded-to-evicted
+    footprint_bytes: int
+    released_bytes: int  # memory measured as given back by the unload (RSS + GPU), may be <= 0
+
+
+_KINDS: dict[type[CacheEvent], str] = {
+    Hit: "cache_hit",
+    Miss: "cache_miss",
+    Coalesced: "cache_coalesced",
+    LoadStarted: "model_load_started",
+    Loaded: "model_loaded",
+    LoadFailed: "model_load_failed",
+    Evicted: "model_evicted",
+}
+
+
+class Observer(Protocol):
+    """Receives every cache event, synchronously. Must be quick; must not call back into the cache."""
+
+    def __call__(self, event: CacheEvent) -> None: ...

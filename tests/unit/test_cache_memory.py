@@ -1,0 +1,176 @@
+"""Unloads really free: the cache keeps no reference to an unloaded handle, gc + malloc_trim run
+in the worker thread, and the bytes given back are measured."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from earshot.cache import memory
+from earshot.cache.events import Evicted
+from earshot.cache.manager import ModelCache
+from earshot.cache.protocol import ModelSpec, Task, rss_probe
+from earshot.cache.state import CacheConfig
+from earshot.cache.workers import estimate_footprint, load_measured, read_probe, unload_released
+from tests.support.fakes import EventRecorder, FakeBackend, FakeClock, FakeHandle, FakeMemory, make_spec
+
+
+class _Model:
+    """A loaded model that nothing but its holders references."""
+
+    def __init__(self) -> None:
+        self.weights = bytearray(4096)
+        self.me = self  # a reference cycle, like real models often have: only gc frees it
+
+
+class _ForgetfulBackend:
+    """A backend that keeps no reference to what it loaded (FakeBackend records its handles)."""
+
+    def __init__(self) -> None:
+        self.unloaded = 0
+
+    def load(self, spec: ModelSpec) -> _Model:
+        return _Model()
+
+    def unload(self, handle: Any) -> None:
+        self.unloaded += 1
+
+    def footprint(self, spec: ModelSpec) -> int:
+        return 4096
+
+
+def test_release_memory_collects_garbage_and_trims() -> None:
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    probe = Cycle()
+    ref = weakref.ref(probe)
+    del probe
+    memory.release_memory()
+    assert ref() is None
+    assert isinstance(memory.malloc_trim(), bool)
+
+
+def test_rss_probe_reads_this_process() -> None:
+    reading = rss_probe()
+    assert reading.get("cpu", 0) > 0
+
+
+def test_load_measured_returns_positive_deltas_per_device() -> None:
+    mem = FakeMemory()
+    mem.add("cuda:0", 1000)
+    backend = FakeBackend(footprints={"a": 300}, device="cuda:0", memory=mem)
+    handle, footprint = load_measured(backend, make_spec("a"), mem)
+    assert isinstance(handle, FakeHandle)
+    assert footprint == {"cuda:0": 300}
+
+
+def test_load_measured_drops_devices_that_shrank() -> None:
+    readings = iter([{"cpu": 500, "cuda:0": 10}, {"cpu": 400, "cuda:0": 60}])
+
+    def probe() -> Mapping[str, int]:
+        return next(readings)
+
+    _, footprint = load_measured(FakeBackend(track_memory=False), make_spec("a"), probe)
+    assert footprint == {"cuda:0": 50}
+
+
+def test_a_broken_probe_reads_as_nothing() -> None:
+    def probe() -> Mapping[str, int]:
+        raise OSError("no /proc")
+
+    assert read_probe(probe) == {}
+    _, footprint = load_measured(FakeBackend(), make_spec("a"), probe)
+    assert footprint == {}
+
+
+def test_estimate_falls_back_to_size_bytes() -> None:
+    class Broken(FakeBackend):
+        def footprint(self, spec: ModelSpec) -> int:
+            raise RuntimeError("no files")
+
+    spec = make_spec("a", size_bytes=777)
+    assert estimate_footprint(Broken(), spec) == 777
+    assert estimate_footprint(FakeBackend(estimates={"a": 0}), spec) == 777
+    assert estimate_footprint(FakeBackend(estimates={"a": 5}), spec) == 5
+
+
+def test_unload_released_empties_the_box_before_releasing_memory() -> None:
+    backend = _ForgetfulBackend()
+    readings = iter([{"cpu": 9000}, {"cpu": 5000}])
+    handle = backend.load(make_spec("a"))
+    ref = weakref.ref(handle)
+    box: list[Any] = [handle]
+    del handle
+    seen_during_release: list[object] = []
+
+    def release() -> None:
+        gc.collect()
+        seen_during_release.append(ref())
+
+    released = unload_released(backend, box, lambda: next(readings), release)
+    assert box == []
+    assert backend.unloaded == 1
+    assert seen_during_release == [None]  # nothing kept the handle alive while memory was released
+    assert released == 4000
+
+
+def test_unload_released_survives_a_failing_backend_unload() -> None:
+    class Broken(FakeBackend):
+        def unload(self, handle: FakeHandle) -> None:
+            raise RuntimeError("driver error")
+
+    calls: list[str] = []
+    assert unload_released(Broken(), [object()], FakeMemory(), lambda: calls.append("released")) == 0
+    assert calls == ["released"]
+
+
+async def test_an_evicted_handle_is_freed_and_released_in_a_worker_thread() -> None:
+    backend = _ForgetfulBackend()
+    events = EventRecorder()
+    threads: list[str] = []
+    freed_in_release: list[bool] = []
+
+    def release() -> None:
+        threads.append(threading.current_thread().name)
+        memory.release_memory()
+        freed_in_release.append(ref() is None)
+
+    cache = ModelCache(
+        lambda model_id: make_spec(model_id),
+        {Task.TRANSCRIPTION.value: backend},
+        CacheConfig(idle_timeout=-1),
+        observers=[events],
+        clock=FakeClock(),
+        memory_probe=lambda: {},  # unusable: the estimate (4096) stands in
+        release_memory=release,
+    )
+    lease = await cache.load("a")
+    ref = weakref.ref(lease.handle)
+    del lease
+    assert await cache.unload("a") == "unloaded"
+    # The cache dropped every reference before gc ran in the worker: the model was freed there.
+    assert freed_in_release == [True]
+    assert threads
+    assert threads[0] != threading.current_thread().name
+    assert backend.unloaded == 1
+    evicted = events.of(Evicted, "a")[0]
+    assert evicted.footprint_bytes == 4096
+    assert evicted.released_bytes == 0
+
+
+async def test_default_release_memory_and_probe_are_used_when_none_given() -> None:
+    backend = FakeBackend()
+    cache = ModelCache(
+        lambda model_id: ModelSpec(id=model_id, task=Task.TRANSCRIPTION, source="local"),
+        {"transcription": backend},
+        CacheConfig(),
+    )
+    await cache.load("a")
+    assert await cache.unload("a") == "unloaded"
+    assert backend.unloads == 1
+    await cache.close()
