@@ -1,0 +1,172 @@
+"""The cache's current state as Prometheus gauges, read from `cache.snapshot()` at scrape time.
+
+Nothing here keeps a copy of the cache's state: every scrape takes one snapshot (a pure read on
+the event loop, no awaits) and turns it into gauges. The `/metrics` handler therefore runs on the
+event loop thread, which is also the only thread allowed to read the cache's table.
+
+Which series exist:
+- `earshot_model_loaded{model,task}`: one series per *catalog* model, always: 1 while loaded, 0
+  otherwise (an evicted model reads 0). The catalog is bounded and fixed at start-up, so this is a
+  known, small set of series, and `sum(earshot_model_loaded)` / `earshot_model_loaded == 0` need no
+  `or vector(0)` tricks.
+- `earshot_model_loads_in_progress`, `earshot_model_idle_seconds`, `earshot_model_expires_in_seconds`
+  (only while an expiry is scheduled), `earshot_model_in_use`, `earshot_model_memory_bytes`: only
+  for models the cache holds right now (loaded or loading); they disappear when a model is evicted.
+  A stuck load reads loads_in_progress 1 until it ends.
+- Configuration gauges, always present (alerts and dashboards use them as the per-instance
+  series): `earshot_cache_capacity_models` and `earshot_cache_memory_budget_bytes` read `+Inf`
+  when unlimited; `earshot_cache_idle_timeout_seconds` reads `+Inf` when models never expire (-1)
+  and 0 when they unload as soon as they are released; `earshot_model_load_timeout_seconds`.
+- `earshot_cache_waiting_requests`: requests waiting in the cache (for a load or for room).
+
+`earshot_model_memory_bytes` has one series per device the load was measured on ("cpu",
+"cuda:0", ...); while a model's footprint is not measured (the measurement was unusable), its
+estimate is exported under device="estimate".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from earshot.cache.state import CacheConfig, CacheSnapshot
+from earshot.models.catalog import Catalog
+
+INF = math.inf
+
+
+class SnapshotSource(Protocol):
+    def snapshot(self) -> CacheSnapshot: ...
+
+
+def _limit(value: float | None) -> float:
+    return INF if value is None else float(value)
+
+
+def _idle_timeout(value: float) -> float:
+    return INF if value < 0 else float(value)
+
+
+class CacheStateCollector(Collector):
+    """Gauges of the cache's state, built from one snapshot per scrape."""
+
+    def __init__(self, cache: SnapshotSource, catalog: Catalog) -> None:
+        self._cache = cache
+        specs = catalog.specs
+        # Label values prepared once: the catalog is fixed for the life of the app.
+        self._catalog: tuple[tuple[str, str], ...] = tuple((i, specs[i].task.value) for i in catalog.ids())
+        self._ids = frozenset(specs)
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._cache.snapshot()
+        families = self._families()
+        (
+            loaded,
+            loading,
+            waiting,
+            idle,
+            expires,
+            in_use,
+            memory,
+            capacity,
+            budget,
+            idle_timeout,
+            load_timeout,
+        ) = families
+        states = {m.id: m for m in snapshot.models if m.id in self._ids}
+        for model_id, task in self._catalog:
+            state = states.get(model_id)
+            loaded.add_metric([model_id, task], 1.0 if state is not None and state.loaded else 0.0)
+        for model_id, state in states.items():
+            labels = [model_id]
+            loading.add_metric(labels, 1.0 if state.loading else 0.0)
+            in_use.add_metric(labels, float(state.in_use))
+            if state.idle_seconds is not None:
+                idle.add_metric(labels, max(0.0, state.idle_seconds))
+            if state.expires_at is not None:
+                expires.add_metric(labels, max(0.0, state.expires_at - snapshot.at))
+            if state.loaded:
+                if state.footprint:
+                    for device, nbytes in state.footprint.items():
+                        memory.add_metric([model_id, device], float(nbytes))
+                elif state.footprint_bytes > 0:
+                    memory.add_metric([model_id, "estimate"], float(state.footprint_bytes))
+        waiting.add_metric([], float(snapshot.waiting_requests))
+        self._add_config(snapshot.config, capacity, budget, idle_timeout, load_timeout)
+        return iter(families)
+
+    @staticmethod
+    def _add_config(
+        config: CacheConfig,
+        capacity: GaugeMetricFamily,
+        budget: GaugeMetricFamily,
+        idle_timeout: GaugeMetricFamily,
+        load_timeout: GaugeMetricFamily,
+    ) -> None:
+        capacity.add_metric([], _limit(config.max_models))
+        budget.add_metric([], _limit(config.memory_budget_bytes))
+        idle_timeout.add_metric([], _idle_timeout(config.idle_timeout))
+        load_timeout.add_metric([], float(config.load_timeout))
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(
+                "earshot_model_loaded",
+                "1 while the catalog model is loaded, 0 otherwise (one series per catalog model).",
+                labels=["model", "task"],
+            ),
+            GaugeMetricFamily(
+                "earshot_model_loads_in_progress",
+                "1 while a load of the model is in progress (a value that stays 1 is a stuck load).",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                "earshot_cache_waiting_requests",
+                "Requests waiting in the model cache, for a load or for room.",
+            ),
+            GaugeMetricFamily(
+                "earshot_model_idle_seconds",
+                "Seconds since the loaded model's last reference went (absent while in use).",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                "earshot_model_expires_in_seconds",
+                "Seconds until the idle model is unloaded (only while an expiry is scheduled).",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                "earshot_model_in_use",
+                "References held on the model right now (requests using it).",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                "earshot_model_memory_bytes",
+                "Measured footprint of the loaded model per device (device=estimate while unmeasured).",
+                labels=["model", "device"],
+            ),
+            GaugeMetricFamily(
+                "earshot_cache_capacity_models",
+                "max_models: loaded models at most (+Inf: no limit).",
+            ),
+            GaugeMetricFamily(
+                "earshot_cache_memory_budget_bytes",
+                "memory_budget_bytes: sum of model footprints at most (+Inf: no limit).",
+            ),
+            GaugeMetricFamily(
+                "earshot_cache_idle_timeout_seconds",
+                "model_idle_timeout: seconds an unused model stays loaded (+Inf: never unloaded, "
+                "0: unloaded after each request).",
+            ),
+            GaugeMetricFamily(
+                "earshot_model_load_timeout_seconds",
+                "model_load_timeout: seconds a load (or a wait for room) may take.",
+            ),
+        ]

@@ -1,0 +1,206 @@
+"""The last N cache events, as JSON-able records, and live subscriptions to new ones.
+
+`EventLog` is a cache `Observer`. Each event becomes a record
+`{"id": seq, "event": kind, "model", "task", "at": ISO-8601 UTC, ...the event's own fields}`, with
+`id` a sequence number (1, 2, ...) that never repeats within the process. The ring buffer keeps the
+newest `size` records, oldest first. `GET /api/events` serves it; `?stream=true` subscribes.
+
+Subscriptions are bounded queues: a slow client never blocks the cache. When its queue is full,
+new records are dropped for that subscriber and counted; the subscriber then receives one
+`Gap(dropped=n)` marker, in order, before the next record it does get.
+
+The cache publishes on its event loop thread. Should an event arrive from another thread, records
+for subscribers are handed to each subscriber's loop with `call_soon_threadsafe`.
+
+`close()` ends every subscription (each gets `END` after what it has queued), so live streams can
+finish when the server shuts down instead of holding the shutdown until they are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import threading
+from collections import deque
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from earshot.cache.events import CacheEvent
+
+Record = dict[str, Any]
+DEFAULT_QUEUE_SIZE = 256
+_BASE_FIELDS = frozenset({"model", "task", "at"})
+
+
+def iso_utc(ts: float) -> str:
+    """Wall-clock seconds as ISO-8601 UTC with milliseconds (the format of /api/ps too)."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def event_record(event: CacheEvent, seq: int) -> Record:
+    """The JSON-able record of one event (`id`, `event`, `model`, `task`, `at`, then its fields)."""
+    record: Record = {
+        "id": seq,
+        "event": event.kind,
+        "model": event.model,
+        "task": event.task,
+        "at": iso_utc(event.at),
+    }
+    for f in dataclasses.fields(event):
+        if f.name not in _BASE_FIELDS:
+            record[f.name] = _jsonable(getattr(event, f.name))
+    return record
+
+
+@dataclasses.dataclass(frozen=True)
+class Gap:
+    """`dropped` records were not delivered to this subscriber (its queue was full)."""
+
+    dropped: int
+
+
+class _End:
+    def __repr__(self) -> str:
+        return "END"
+
+
+END = _End()  # the last item of a subscription: the event log was closed
+Item = Record | Gap | _End
+
+
+class Subscription:
+    """A live feed of new records; iterate with `await get()`. Close it (or use `with`) when done."""
+
+    def __init__(self, log: EventLog, maxsize: int) -> None:
+        self._log = log
+        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._maxsize = maxsize
+        self._dropped = 0
+        self.loop = asyncio.get_running_loop()
+        self.thread_id = threading.get_ident()
+        self.closed = False
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped and not yet reported by a Gap."""
+        return self._dropped
+
+    def offer(self, record: Record) -> None:
+        """Queue `record`, or count it as dropped when the queue is full. Loop thread only."""
+        queue = self._queue
+        if self._dropped:
+            if queue.qsize() >= self._maxsize:
+                self._dropped += 1
+                return
+            queue.put_nowait(Gap(self._dropped))
+            self._dropped = 0
+        if queue.qsize() >= self._maxsize:
+            self._dropped += 1
+            return
+        queue.put_nowait(record)
+
+    def finish(self) -> None:
+        """Queue END after everything already queued (it never counts against the bound)."""
+        self._queue.put_nowait(END)
+
+    async def get(self) -> Item:
+        return await self._queue.get()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._log._unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventLog:
+    """Ring buffer of the last `size` event records plus live subscriptions (a cache Observer)."""
+
+    def __init__(self, size: int, *, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+        if size < 1:
+            raise ValueError("the events buffer holds at least one event")
+        self._buffer: deque[Record] = deque(maxlen=size)
+        self._seq = itertools.count(1)
+        self._last = 0
+        self._queue_size = queue_size
+        self._subscribers: list[Subscription] = []
+        self._closed = False
+        self._lock = threading.Lock()  # seq + append, should events ever come from two threads
+
+    @property
+    def size(self) -> int:
+        return self._buffer.maxlen or 0
+
+    @property
+    def last_id(self) -> int:
+        """The id of the newest record (0 before the first)."""
+        return self._last
+
+    def __call__(self, event: CacheEvent) -> None:
+        with self._lock:
+            seq = next(self._seq)
+            record = event_record(event, seq)
+            self._buffer.append(record)
+            self._last = seq
+        self._each_subscriber(Subscription.offer, record)
+
+    def _each_subscriber(self, method: Any, *args: Any) -> None:
+        """`method(sub, *args)` for every subscriber, on the subscriber's own loop thread."""
+        thread = threading.get_ident()
+        for sub in tuple(self._subscribers):
+            if sub.thread_id == thread:
+                method(sub, *args)
+            elif not sub.loop.is_closed():
+                sub.loop.call_soon_threadsafe(method, sub, *args)
+
+    def recent(self, limit: int | None = None, *, after: int | None = None) -> list[Record]:
+        """The buffered records, oldest first: the newest `limit`, and only those with id > `after`."""
+        records = list(self._buffer)
+        if after is not None:
+            records = [r for r in records if r["id"] > after]
+        if limit is not None:
+            records = records[-limit:] if limit > 0 else []
+        return records
+
+    def subscribe(self, *, queue_size: int | None = None) -> Subscription:
+        """A feed of the records published from now on (call on the event loop that will read it)."""
+        sub = Subscription(self, self._queue_size if queue_size is None else queue_size)
+        if self._closed:
+            sub.finish()
+        else:
+            self._subscribers.append(sub)
+        return sub
+
+    def close(self) -> None:
+        """End every subscription, now and later (the buffer stays readable). Idempotent."""
+        self._closed = True
+        self._each_subscriber(Subscription.finish)
+
+    def reopen(self) -> None:
+        """Accept subscriptions again after `close()` (an app started a second time)."""
+        self._closed = False
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(sub)

@@ -1,0 +1,180 @@
+"""Cache and inference metrics that count things (DESIGN §5): counters and histograms fed by events.
+
+`CacheMetrics` is a cache `Observer` (every event becomes a counter increment or a histogram
+observation) and the `record_inference` callback of the API. What the cache *is* right now
+(loaded models, idle ages, bytes) is not kept here: `earshot.observability.collector` reads it
+from a snapshot at scrape time.
+
+Labels: `model` values come only from the catalog. Until `bind(catalog)` is called, and for any
+id the catalog does not hold, an event is dropped rather than labelled, so nothing a client sends
+can create a series. `task` comes from the catalog too (`transcription` or `speech`). Nothing is
+pre-initialised per model: a series is born with its first event and lives as long as the
+process, so an evicted model keeps its counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from earshot.cache.events import (
+    CacheEvent,
+    Coalesced,
+    Evicted,
+    Hit,
+    Loaded,
+    LoadFailed,
+    LoadStarted,
+    Miss,
+)
+from earshot.models.catalog import Catalog
+
+log = logging.getLogger("earshot.observability")
+
+# Bucket bounds: few enough to keep a scrape cheap (each bucket is one line per model), with edges
+# at the thresholds alerts use (60 s for slow loads).
+LOAD_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+INFERENCE_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# Idle age at eviction and residency: seconds up to a day. Small idle ages under reason=capacity
+# mean a model was pushed out almost as soon as it was released: the cache is thrashing.
+LIFETIME_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 86400.0)
+
+
+class CacheMetrics:
+    """Counters and histograms of cache events and inferences, registered on `registry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._tasks: Mapping[str, str] | None = None  # catalog id -> task; None until bound
+        self.cache_requests = Counter(
+            "earshot_cache_requests_total",
+            "Model cache requests by result: hit (loaded), miss (started a load), coalesced "
+            "(waited for a load already under way).",
+            ["model", "result"],
+            registry=registry,
+        )
+        self.loads = Counter(
+            "earshot_model_loads_total",
+            "Finished model loads by outcome (success, failure, timeout).",
+            ["model", "task", "outcome"],
+            registry=registry,
+        )
+        self.load_duration = Histogram(
+            "earshot_model_load_duration_seconds",
+            "Time to load a model, successful loads only.",
+            ["model", "task"],
+            buckets=LOAD_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.evictions = Counter(
+            "earshot_model_evictions_total",
+            "Model unloads by reason (idle, capacity, memory, manual, shutdown).",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "earshot_model_reloads_total",
+            "Loads started for a model evicted less than thrash_window_seconds before.",
+            ["model"],
+            registry=registry,
+        )
+        self.idle_at_eviction = Histogram(
+            "earshot_model_idle_at_eviction_seconds",
+            "How long an evicted model had been idle (small values under reason=capacity: thrashing).",
+            ["reason"],
+            buckets=LIFETIME_BUCKETS,
+            registry=registry,
+        )
+        self.residency = Histogram(
+            "earshot_model_residency_seconds",
+            "How long an evicted model had been loaded (loaded-to-evicted time).",
+            ["reason"],
+            buckets=LIFETIME_BUCKETS,
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            "earshot_inference_duration_seconds",
+            "Time spent running a model on one request (transcription or synthesis).",
+            ["model", "task"],
+            buckets=INFERENCE_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.audio_seconds = Counter(
+            "earshot_audio_duration_seconds_total",
+            "Seconds of audio processed: audio in for transcription, audio out for speech.",
+            ["model", "task"],
+            registry=registry,
+        )
+        self._handlers: dict[type[CacheEvent], Callable[[CacheEvent, str], None]] = {
+            Hit: self._hit,
+            Miss: self._miss,
+            Coalesced: self._coalesced,
+            LoadStarted: self._load_started,
+            Loaded: self._loaded,
+            LoadFailed: self._load_failed,
+            Evicted: self._evicted,
+        }
+
+    def bind(self, catalog: Catalog) -> None:
+        """Accept events and inferences of `catalog`'s models (by canonical id) from now on."""
+        self._tasks = {model_id: spec.task.value for model_id, spec in catalog.specs.items()}
+
+    def task_of(self, model: str) -> str | None:
+        """The catalog task of `model`, or None when it must not become a label."""
+        tasks = self._tasks
+        return None if tasks is None else tasks.get(model)
+
+    # ------------------------------------------------------------------ observer
+
+    def __call__(self, event: CacheEvent) -> None:
+        task = self.task_of(event.model)
+        if task is None:
+            log.debug("metrics: dropped %s for a model outside the catalog", event.kind)
+            return
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            handler(event, task)
+
+    def _hit(self, event: CacheEvent, task: str) -> None:
+        self.cache_requests.labels(event.model, "hit").inc()
+
+    def _miss(self, event: CacheEvent, task: str) -> None:
+        self.cache_requests.labels(event.model, "miss").inc()
+
+    def _coalesced(self, event: CacheEvent, task: str) -> None:
+        self.cache_requests.labels(event.model, "coalesced").inc()
+
+    def _load_started(self, event: CacheEvent, task: str) -> None:
+        # A reload counts when it starts: each one makes requests pay load latency, whether or not
+        # the load then succeeds.
+        if isinstance(event, LoadStarted) and event.reload:
+            self.reloads.labels(event.model).inc()
+
+    def _loaded(self, event: CacheEvent, task: str) -> None:
+        assert isinstance(event, Loaded)
+        self.loads.labels(event.model, task, "success").inc()
+        self.load_duration.labels(event.model, task).observe(max(0.0, event.duration_s))
+
+    def _load_failed(self, event: CacheEvent, task: str) -> None:
+        assert isinstance(event, LoadFailed)
+        self.loads.labels(event.model, task, event.error_kind.value).inc()
+
+    def _evicted(self, event: CacheEvent, task: str) -> None:
+        assert isinstance(event, Evicted)
+        reason = event.reason.value
+        self.evictions.labels(event.model, reason).inc()
+        self.idle_at_eviction.labels(reason).observe(max(0.0, event.idle_s))
+        self.residency.labels(reason).observe(max(0.0, event.resident_s))
+
+    # ------------------------------------------------------------------ inference
+
+    def record_inference(self, *, model: str, task: str, duration_s: float, audio_s: float) -> None:
+        """One finished inference (the API's `record_inference`). `task` is taken from the catalog."""
+        catalog_task = self.task_of(model)
+        if catalog_task is None:
+            log.debug("metrics: dropped an inference of a model outside the catalog")
+            return
+        self.inference_duration.labels(model, catalog_task).observe(max(0.0, duration_s))
+        if audio_s > 0:
+            self.audio_seconds.labels(model, catalog_task).inc(audio_s)
