@@ -128,8 +128,13 @@ def _models_list(settings: Settings, as_json: bool) -> int:
     specs = list(catalog.specs.values())
     if as_json:
         rows = [
-            {"id": s.id, "task": s.task.value, "source": s.source, "size_bytes": s.size_bytes,
-             "location": str(s.path or s.repo_id)}
+            {
+                "id": s.id,
+                "task": s.task.value,
+                "source": s.source,
+                "size_bytes": s.size_bytes,
+                "location": str(s.path or s.repo_id),
+            }
             for s in specs
         ]
         print(json.dumps({"models": rows, "aliases": dict(catalog.aliases)}, indent=2))
@@ -200,7 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from earshot.models.demo import install_demo
 
         built = install_demo(settings.models_dir, pip_install=not args.no_pip)
-        print(f"demo models in {settings.models_dir.resolve()}: " + (", ".join(built) + " built" if built else "up to date"))
+        print(
+            f"demo models in {settings.models_dir.resolve()}: "
+            + (", ".join(built) + " built" if built else "up to date")
+        )
         return 0
     parser.print_help()
     return 2

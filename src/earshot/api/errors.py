@@ -1,0 +1,160 @@
+"""The OpenAI error envelope, and the mapping of every failure to it with a fitting status.
+
+`{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`. Client mistakes are 4xx,
+never 500; a 500 is a bug and is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import (
+    HTTP_400_BAD_REQUEST,
+    HTTP_401_UNAUTHORIZED,
+    HTTP_404_NOT_FOUND,
+    HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+    HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
+
+from earshot.audio.errors import AudioDecodeError, AudioTooLong
+from earshot.backends.errors import BackendRequestError
+from earshot.cache.errors import (
+    CacheBusy,
+    CacheClosed,
+    CacheError,
+    CacheFull,
+    ModelLoadError,
+    ModelLoadTimeout,
+    UnknownModel,
+)
+
+log = logging.getLogger("earshot.api")
+
+RETRY_AFTER_SECONDS = 5
+
+
+class APIError(Exception):
+    """An error to send as the OpenAI envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def to_response(self) -> Response[dict[str, Any]]:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return Response(body, status_code=self.status, headers=self.headers, media_type=MediaType.JSON)
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(HTTP_400_BAD_REQUEST, message, param=param, code=code)
+
+
+def model_not_found(name: str, suggestions: list[str]) -> APIError:
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
+    return APIError(
+        HTTP_404_NOT_FOUND,
+        f"The model {shown!r} does not exist.{hint} GET /v1/models lists the models.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _unavailable(message: str, code: str) -> APIError:
+    return APIError(
+        HTTP_503_SERVICE_UNAVAILABLE,
+        message,
+        type="server_error",
+        code=code,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+def from_exception(exc: Exception) -> APIError:
+    """The envelope for any exception raised while handling a request."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, UnknownModel):
+        return model_not_found(exc.model or "", [])
+    if isinstance(exc, ModelLoadTimeout):
+        return _unavailable(exc.message, "model_load_timeout")
+    if isinstance(exc, ModelLoadError):
+        return _unavailable(exc.message, "model_load_failed")
+    if isinstance(exc, CacheFull):
+        return _unavailable(exc.message, "cache_full")
+    if isinstance(exc, CacheBusy):
+        return _unavailable(exc.message, "busy")
+    if isinstance(exc, CacheClosed):
+        return _unavailable(exc.message, "shutting_down")
+    if isinstance(exc, CacheError):
+        return _unavailable(exc.message, "cache_error")
+    if isinstance(exc, AudioTooLong):
+        return APIError(HTTP_400_BAD_REQUEST, str(exc), param="file", code="audio_too_long")
+    if isinstance(exc, AudioDecodeError):
+        return APIError(HTTP_400_BAD_REQUEST, str(exc), param="file", code="invalid_audio")
+    if isinstance(exc, BackendRequestError):
+        code = {"model": "unsupported_task", "voice": "invalid_voice", "language": "unsupported_language"}
+        return APIError(HTTP_400_BAD_REQUEST, exc.message, param=exc.param, code=code.get(exc.param or ""))
+    if isinstance(exc, ValidationException):
+        return _validation(exc)
+    if isinstance(exc, HTTPException):
+        status = exc.status_code
+        message = exc.detail or "error"
+        if status == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
+            message = "Request body too large; see max_upload_bytes (audio) and max_input_chars (speech)."
+            return APIError(status, message, code="request_too_large")
+        if status == HTTP_401_UNAUTHORIZED:
+            return APIError(
+                status,
+                message,
+                type="authentication_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        kind = "invalid_request_error" if status < HTTP_500_INTERNAL_SERVER_ERROR else "server_error"
+        return APIError(status, message, type=kind, headers=exc.headers or None)
+    log.exception("unhandled error", exc_info=exc)
+    return APIError(HTTP_500_INTERNAL_SERVER_ERROR, "Internal server error.", type="server_error")
+
+
+def _validation(exc: ValidationException) -> APIError:
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    details = [e for e in extra if isinstance(e, dict)]
+    if details:
+        first = details[0]
+        key = first.get("key")
+        param = str(key) if key is not None else None
+        parts = [
+            f"{d.get('key')}: {d.get('message')}" if d.get("key") else str(d.get("message")) for d in details
+        ]
+        message = "Invalid request: " + "; ".join(parts)
+    else:
+        param = None
+        message = exc.detail or "Invalid request."
+    return APIError(HTTP_400_BAD_REQUEST, message, param=param)
+
+
+def exception_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    return from_exception(exc).to_response()
+
+
+EXCEPTION_HANDLERS: dict[type[Exception] | int, Callable[..., Response[Any]]] = {Exception: exception_handler}

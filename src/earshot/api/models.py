@@ -1,0 +1,173 @@
+"""Model listing and management: /v1/models (OpenAI shape, plus `task` and `loaded`) and /api/ps.
+
+`POST /v1/models/{id}` is the Speaches guide's preload call; `DELETE` unloads. Model ids may
+contain `/` (`Systran/faster-whisper-base`); they are only ever looked up in the catalog.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Response, delete, get, post
+from litestar.params import Body, Parameter
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_404_NOT_FOUND
+
+from earshot.api.errors import APIError, bad_request, model_not_found
+from earshot.api.services import Services
+from earshot.cache.events import EvictionReason
+from earshot.cache.protocol import ModelSpec
+from earshot.cache.state import ModelState
+
+OWNER = "earshot"
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def _model_id(raw: str) -> str:
+    """Litestar's `:path` parameters keep their leading slash."""
+    return raw[1:] if raw.startswith("/") else raw
+
+
+class LoadRequest(msgspec.Struct, kw_only=True):
+    """Optional body of POST /api/ps/{id} and POST /v1/models/{id}."""
+
+    keep_alive: float | None = None
+    pin: bool | None = None
+
+
+def _spec(services: Services, name: str) -> ModelSpec:
+    spec = services.catalog.resolve(name)
+    if spec is None:
+        raise model_not_found(name, services.catalog.close_matches(name))
+    return spec
+
+
+def model_object(services: Services, spec: ModelSpec, state: ModelState | None) -> dict[str, Any]:
+    aliases = sorted(a for a, target in services.catalog.aliases.items() if target == spec.id)
+    return {
+        "id": spec.id,
+        "object": "model",
+        "created": int(services.started_at),
+        "owned_by": OWNER,
+        "task": spec.task.value,
+        "source": spec.source,
+        "loaded": bool(state and state.loaded),
+        "aliases": aliases,
+    }
+
+
+def ps_entry(state: ModelState) -> dict[str, Any]:
+    return {
+        "model": state.id,
+        "task": state.task,
+        "size_bytes": state.footprint_bytes,
+        "memory": dict(state.footprint),
+        "size_measured": state.footprint_measured,
+        "loaded": state.loaded,
+        "loading": state.loading,
+        "loaded_at": _iso(state.loaded_at),
+        "last_used_at": _iso(state.last_used_at),
+        "idle_seconds": None if state.idle_seconds is None else round(state.idle_seconds, 3),
+        "expires_at": _iso(state.expires_at),
+        "keep_alive": state.keep_alive,
+        "in_use": state.in_use,
+        "pinned": state.pinned,
+        "waiting": state.waiting,
+    }
+
+
+def _check_load_body(body: LoadRequest | None) -> LoadRequest:
+    body = body or LoadRequest()
+    if body.keep_alive is not None and body.keep_alive < 0 and body.keep_alive != -1:
+        raise bad_request("keep_alive must be -1 (never unload), 0 or seconds >= 0", param="keep_alive")
+    return body
+
+
+async def _load(services: Services, name: str, body: LoadRequest | None) -> ModelSpec:
+    spec = _spec(services, name)
+    body = _check_load_body(body)
+    await services.cache.load(spec.id, keep_alive=body.keep_alive, pin=body.pin)
+    return spec
+
+
+async def _unload(services: Services, name: str) -> Response[dict[str, Any]]:
+    spec = _spec(services, name)
+    result = await services.cache.unload(spec.id, EvictionReason.MANUAL)
+    if result == "not_loaded":
+        raise APIError(
+            HTTP_404_NOT_FOUND,
+            f"The model {spec.id!r} is not loaded.",
+            param="model",
+            code="model_not_loaded",
+        )
+    status = HTTP_200_OK if result == "unloaded" else HTTP_202_ACCEPTED
+    return Response(
+        {"id": spec.id, "object": "model", "deleted": result == "unloaded", "status": result},
+        status_code=status,
+    )
+
+
+ModelPath = Annotated[str, Parameter(description="Model id or alias; may contain '/'", max_length=512)]
+OptionalLoad = Annotated[LoadRequest | None, Body(description="Optional keep_alive (seconds, -1, 0) and pin")]
+
+
+class ModelsController(Controller):
+    path = "/v1/models"
+    tags = ["models"]  # noqa: RUF012
+
+    @get("/", summary="List models (OpenAI shape, plus task and loaded)")
+    async def list_models(self, services: Services) -> dict[str, Any]:
+        snap = services.cache.snapshot()
+        data = [model_object(services, spec, snap.get(spec.id)) for spec in services.catalog.specs.values()]
+        data.sort(key=lambda m: m["id"])
+        return {"object": "list", "data": data}
+
+    @get("/{model_id:path}", summary="Describe a model")
+    async def get_model(self, services: Services, model_id: ModelPath) -> dict[str, Any]:
+        spec = _spec(services, _model_id(model_id))
+        return model_object(services, spec, services.cache.snapshot().get(spec.id))
+
+    @post("/{model_id:path}", status_code=HTTP_200_OK, summary="Load a model (answers once it is loaded)")
+    async def load_model(
+        self, services: Services, model_id: ModelPath, data: OptionalLoad = None
+    ) -> dict[str, Any]:
+        spec = await _load(services, _model_id(model_id), data)
+        return model_object(services, spec, services.cache.snapshot().get(spec.id))
+
+    @delete("/{model_id:path}", status_code=HTTP_200_OK, summary="Unload a model")
+    async def unload_model(self, services: Services, model_id: ModelPath) -> Response[dict[str, Any]]:
+        return await _unload(services, _model_id(model_id))
+
+
+class PsController(Controller):
+    path = "/api/ps"
+    tags = ["cache"]  # noqa: RUF012
+
+    @get("/", summary="Loaded (and loading) models with their cache state")
+    async def ps(self, services: Services) -> dict[str, Any]:
+        snap = services.cache.snapshot()
+        return {
+            "models": [ps_entry(m) for m in snap.models],
+            "waiting_requests": snap.waiting_requests,
+            "max_models": snap.config.max_models,
+            "memory_budget_bytes": snap.config.memory_budget_bytes,
+            "idle_timeout": snap.config.idle_timeout,
+        }
+
+    @post(
+        "/{model_id:path}", status_code=HTTP_200_OK, summary="Load a model, optionally with keep_alive / pin"
+    )
+    async def load(
+        self, services: Services, model_id: ModelPath, data: OptionalLoad = None
+    ) -> dict[str, Any]:
+        spec = await _load(services, _model_id(model_id), data)
+        state = services.cache.snapshot().get(spec.id)
+        return ps_entry(state) if state else {"model": spec.id, "loaded": False}
+
+    @delete("/{model_id:path}", status_code=HTTP_200_OK, summary="Unload a model")
+    async def unload(self, services: Services, model_id: ModelPath) -> Response[dict[str, Any]]:
+        return await _unload(services, _model_id(model_id))

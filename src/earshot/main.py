@@ -1,0 +1,134 @@
+"""The application factory: `uvicorn --factory earshot.main:create_app`, or `earshot serve`.
+
+One process owns the cache (DESIGN §1): run one uvicorn worker; scale out with more instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+
+from earshot import __version__
+from earshot.api.audio import AudioController
+from earshot.api.auth import api_key_guard
+from earshot.api.errors import EXCEPTION_HANDLERS
+from earshot.api.models import ModelsController, PsController
+from earshot.api.services import InferenceGate, Services
+from earshot.api.system import config, health, ready
+from earshot.cache.events import Observer
+from earshot.cache.manager import ModelCache
+from earshot.cache.protocol import Backend
+from earshot.cache.state import CacheConfig
+from earshot.models.catalog import build_catalog
+from earshot.observability import Observability
+from earshot.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+log = logging.getLogger("earshot")
+
+# Multipart overhead (boundaries, the other form fields) allowed on top of max_upload_bytes.
+FORM_OVERHEAD_BYTES = 256 * 1024
+
+
+def cache_config(settings: Settings) -> CacheConfig:
+    return CacheConfig(
+        idle_timeout=settings.model_idle_timeout,
+        max_models=settings.max_models,
+        memory_budget_bytes=int(settings.memory_budget_bytes) if settings.memory_budget_bytes else None,
+        load_timeout=settings.model_load_timeout,
+        thrash_window=settings.thrash_window_seconds,
+        max_waiting=settings.max_waiting_requests,
+        pin_preloaded=settings.pin_preloaded,
+        shutdown_grace=settings.shutdown_grace_seconds,
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    backends: Mapping[str, Backend] | None = None,
+    observers: Sequence[Observer] = (),
+    registry: CollectorRegistry | None = None,
+) -> Litestar:
+    """Build the app. With no settings, they are read now from the environment, `.env` and the
+    config file named by EARSHOT_CONFIG (the uvicorn factory path)."""
+    settings = settings or load_settings()
+    catalog = build_catalog(
+        models_dir=settings.models_dir,
+        entries=settings.models,
+        aliases_file=settings.model_aliases_file,
+        builtin_hub_models=settings.builtin_hub_models,
+    )
+    unknown = [m for m in settings.preload_models if catalog.resolve(m) is None]
+    if unknown:
+        log.warning("preload_models: not in the catalog, skipped: %s", ", ".join(unknown))
+    obs = Observability.create(settings, registry=registry)
+    if backends is None:
+        from earshot.backends import default_backends
+
+        backends = default_backends(settings.device, settings.compute_type, cpu_threads=settings.cpu_threads)
+    cache = ModelCache(
+        catalog.resolve,
+        backends,
+        cache_config(settings),
+        observers=[*obs.observers, *observers],
+        memory_probe=obs.memory_probe,
+    )
+    obs.bind(cache, catalog)
+    services = Services(
+        settings=settings,
+        catalog=catalog,
+        cache=cache,
+        gate=InferenceGate(settings.inference_concurrency),
+        record_inference=obs.record_inference,
+        acquire_with=obs.traced_acquire,
+    )
+    preload = [spec.id for m in settings.preload_models if (spec := catalog.resolve(m)) is not None]
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        obs.start()
+        preloading = cache.start_preload(preload)
+        try:
+            yield
+        finally:
+            preloading.cancel()
+            await asyncio.gather(preloading, return_exceptions=True)
+            await cache.close()
+            obs.stop()
+
+    guards: list[Any] = []
+    if settings.api_key is not None:
+        guards.append(api_key_guard(settings.api_key.get_secret_value()))
+
+    return Litestar(
+        route_handlers=[
+            AudioController,
+            ModelsController,
+            PsController,
+            health,
+            ready,
+            config,
+            *obs.route_handlers,
+        ],
+        dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        guards=guards,
+        lifespan=[lifespan],
+        middleware=list(obs.middleware),
+        plugins=list(obs.plugins),
+        request_max_body_size=int(settings.max_upload_bytes) + FORM_OVERHEAD_BYTES,
+        openapi_config=OpenAPIConfig(title="earshot", version=__version__, path="/docs"),
+        state=State({"services": services, "observability": obs}),
+        debug=False,
+    )
