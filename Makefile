@@ -64,7 +64,7 @@ bench: $(VENV)/.installed-bench demo
 	$(PY) -m bench $(BENCH_ARGS)
 
 soak: install-test demo
-	EARSHOT_SOAK_SECONDS=$${EARSHOT_SOAK_SECONDS:-600} $(VENV)/bin/pytest -m soak tests/integration/test_soak.py -p no:cacheprovider -s
+	EARSHOT_SOAK_SECONDS=$${EARSHOT_SOAK_SECONDS:-600} $(VENV)/bin/pytest tests/integration/test_soak.py -p no:cacheprovider -v
 
 stack: install-test demo system-deps
 	$(PY) scripts/stack.py

@@ -337,7 +337,9 @@ def _named_sources(
         env_file = options.env_file
         fields = frozenset(settings_cls.model_fields)
         seed = frozenset(SEED_ALIASES)
-        sources.append(("dotenv", _DotEnvSource(settings_cls, env_file=env_file, env_prefix=ENV_PREFIX, only=fields)))
+        sources.append(
+            ("dotenv", _DotEnvSource(settings_cls, env_file=env_file, env_prefix=ENV_PREFIX, only=fields))
+        )
         sources.append(
             ("seed-dotenv", _DotEnvSource(settings_cls, env_file=env_file, env_prefix=SEED_PREFIX, only=seed))
         )

@@ -72,8 +72,12 @@ def test_config_entries_path_and_repo(tmp_path: Path) -> None:
     ]
     catalog = build_catalog(models_dir=tmp_path / "models", entries=entries, builtin_hub_models=False)
     stt = catalog.resolve("team/stt")
-    assert stt is not None and stt.path == d.resolve() and stt.pin and stt.idle_timeout == -1
-    assert stt.task == Task.TRANSCRIPTION and stt.source == "config"
+    assert stt is not None
+    assert stt.path == d.resolve()
+    assert stt.pin
+    assert stt.idle_timeout == -1
+    assert stt.task == Task.TRANSCRIPTION
+    assert stt.source == "config"
     assert catalog.resolve("small").repo_id == "Systran/faster-whisper-small"  # type: ignore[union-attr]
     assert catalog.resolve("voice").task == Task.SPEECH  # type: ignore[union-attr]
 

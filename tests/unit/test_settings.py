@@ -70,7 +70,8 @@ def test_order_cli_over_env_over_dotenv_over_yaml_over_default(cwd: Path) -> Non
     src = s.sources
     assert src["port"] == "command-line flag --port"
     assert src["model_idle_timeout"] == "environment variable EARSHOT_MODEL_IDLE_TIMEOUT"
-    assert src["max_models"].endswith("(EARSHOT_MAX_MODELS)") and ".env" in src["max_models"]
+    assert src["max_models"].endswith("(EARSHOT_MAX_MODELS)")
+    assert ".env" in src["max_models"]
     assert src["log_format"] == f"config file {config} (key log_format)"
     assert src["preload_models"] == f"config file {config} (key model_management.preload_models)"
     assert src["model_load_timeout"] == "default"
@@ -212,5 +213,5 @@ def test_bad_values_name_the_setting_and_source(
 
 
 def test_missing_config_file_is_an_error(cwd: Path) -> None:
-    with pytest.raises(SettingsError, match="config file .*nope.yaml does not exist"):
+    with pytest.raises(SettingsError, match=r"config file .*nope\.yaml does not exist"):
         load_settings(config_file=cwd / "nope.yaml", environ={})
