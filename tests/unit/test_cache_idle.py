@@ -42,8 +42,17 @@ async def test_an_idle_model_is_evicted_when_its_timeout_passes() -> None:
 
 
 async def test_seed_scenario_six_hour_idle_timeout() -> None:
-    """SPEACHES_MODEL_IDLE_TIMEOUT=21600: loaded after 5 h 59 min idle, evicted after 6 h 1 min."""
-    h = cache_harness(idle_timeout=21600)
+    """SPEACHES_MODEL_IDLE_TIMEOUT=21600: loaded after 5 h 59 min idle, evicted after 6 h 1 min.
+
+    The seed variable goes through the real settings and the app's settings-to-cache mapping."""
+    from dataclasses import asdict
+
+    from earshot.main import cache_config
+    from earshot.settings import load_settings
+
+    config = cache_config(load_settings(environ={"SPEACHES_MODEL_IDLE_TIMEOUT": "21600"}, env_file=None))
+    assert config.idle_timeout == 21600
+    h = cache_harness(**asdict(config))
     async with h.cache.acquire("a"):
         pass
     h.clock.advance(5 * 3600 + 59 * 60)
