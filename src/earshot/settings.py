@@ -129,9 +129,9 @@ class Settings(BaseSettings):
         300,
         description="Seconds an unused model stays loaded; -1 never unloads, 0 unloads after each request",
     )
-    max_models: int | None = Field(None, ge=1, description="Loaded models at most (default: no limit)")
+    max_models: int | None = Field(None, ge=1, description="Loaded models at most; unset: no limit")
     memory_budget_bytes: ByteSize | None = Field(
-        None, description="Sum of model footprints at most, e.g. 8GiB (default: no limit)"
+        None, description="Sum of model footprints at most, e.g. 8GiB; unset: no limit"
     )
     model_load_timeout: float = Field(300, gt=0, description="Seconds a load (or a wait for room) may take")
     thrash_window_seconds: float = Field(
@@ -150,7 +150,7 @@ class Settings(BaseSettings):
 
     models_dir: Path = Field(Path("models"), description="Directory of local models (one sub-directory each)")
     model_aliases_file: Path | None = Field(
-        None, description="JSON file mapping public names (whisper-1, tts-1) to model ids (default: built in)"
+        None, description="JSON file mapping public names (whisper-1, tts-1) to model ids; unset: the built-in one"
     )
     builtin_hub_models: bool = Field(
         True,
@@ -171,7 +171,7 @@ class Settings(BaseSettings):
 
     nvml_interval_seconds: float = Field(5, gt=0, description="Seconds between GPU samples")
     events_buffer_size: int = Field(1000, ge=1, description="Cache events kept for /api/events")
-    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint (default: no export)")
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint, e.g. http://localhost:4318/v1/traces; unset: no export")
 
     models: CliSuppress[list[ModelEntry]] = Field(
         default_factory=list, description="Models declared in config.yaml (`models:`)"

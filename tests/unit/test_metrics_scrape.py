@@ -147,17 +147,16 @@ def median_scrape_seconds(obs: Observability, runs: int = 100, rounds: int = 3) 
     return best
 
 
-@pytest.mark.parametrize(("history", "limit", "runs"), [(10, 0.010, 100), (50, 0.050, 20)])
-def test_scrape_is_cheap_with_50_catalog_models_and_10_loaded(history: int, limit: float, runs: int) -> None:
+@pytest.mark.parametrize("history", [10, 50])
+def test_scrape_size_with_50_catalog_models_and_10_loaded(history: int) -> None:
     """50 catalog models, 10 loaded; `history` models with every counter and histogram populated.
-
-    (10: the loaded ones have been used, the usual picture; 50: all of them have, the worst case.)
-    """
+    The exposition grows by a fixed number of lines per model (its time is bench/'s business:
+    `python -m bench metrics`)."""
     obs = build(50, 10, history)
-    cpu, wall = median_scrape_seconds(obs, runs)
+    cpu, wall = median_scrape_seconds(obs, 10, 1)
     lines = len(obs.scrape().splitlines())
     print(
-        f"\n{history} models with history, {lines} lines: "
-        f"median {cpu * 1000:.2f} ms CPU, {wall * 1000:.2f} ms wall"
+        f"\n{history} models with history, {lines} lines: median {cpu * 1000:.2f} ms CPU, {wall * 1000:.2f} ms wall"
     )
-    assert cpu < limit
+    per_model_counters = 3 + 2 + 1  # outcomes, capacity/memory evictions, reloads: created at bind
+    assert lines < 400 + 50 * per_model_counters + history * 60

@@ -7,9 +7,15 @@ from a snapshot at scrape time.
 
 Labels: `model` values come only from the catalog. Until `bind(catalog)` is called, and for any
 id the catalog does not hold, an event is dropped rather than labelled, so nothing a client sends
-can create a series. `task` comes from the catalog too (`transcription` or `speech`). Nothing is
-pre-initialised per model: a series is born with its first event and lives as long as the
-process, so an evicted model keeps its counters.
+can create a series. `task` comes from the catalog too (`transcription` or `speech`).
+
+`bind()` creates at zero, for every catalog model, the counter series the alerts count from:
+loads by outcome, reloads, and capacity/memory evictions. Prometheus's `rate()`/`increase()` need
+a sample before the first increment, so a series born at its first event would hide that event
+(the first failed load, the first reload of a storm). The other series (hit/miss/coalesced, idle
+and manual evictions, histograms) are born with their first event: each pre-created series is a
+line of every scrape, for every catalog model. Series live as long as the process, so an evicted
+model keeps its counters.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from earshot.cache.events import (
     CacheEvent,
     Coalesced,
     Evicted,
+    EvictionReason,
     Hit,
     Loaded,
     LoadFailed,
+    LoadFailureKind,
     LoadStarted,
     Miss,
 )
@@ -119,6 +127,12 @@ class CacheMetrics:
     def bind(self, catalog: Catalog) -> None:
         """Accept events and inferences of `catalog`'s models (by canonical id) from now on."""
         self._tasks = {model_id: spec.task.value for model_id, spec in catalog.specs.items()}
+        for model_id, task in self._tasks.items():
+            for outcome in ("success", *(kind.value for kind in LoadFailureKind)):
+                self.loads.labels(model_id, task, outcome)
+            for reason in (EvictionReason.CAPACITY, EvictionReason.MEMORY):
+                self.evictions.labels(model_id, reason.value)
+            self.reloads.labels(model_id)
 
     def task_of(self, model: str) -> str | None:
         """The catalog task of `model`, or None when it must not become a label."""
