@@ -1,7 +1,7 @@
 """Print the README's settings table from the Settings model, so the docs never drift from the code.
 
-    .venv/bin/python scripts/settings_table.py      # print it
-    tests/unit/test_readme.py                       # fails when README.md's copy is stale
+.venv/bin/python scripts/settings_table.py      # print it
+tests/unit/test_readme.py                       # fails when README.md's copy is stale
 """
 
 from __future__ import annotations
