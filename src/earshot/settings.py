@@ -150,7 +150,8 @@ class Settings(BaseSettings):
 
     models_dir: Path = Field(Path("models"), description="Directory of local models (one sub-directory each)")
     model_aliases_file: Path | None = Field(
-        None, description="JSON file mapping public names (whisper-1, tts-1) to model ids; unset: the built-in one"
+        None,
+        description="JSON file mapping public names (whisper-1, tts-1) to model ids; unset: the built-in one",
     )
     builtin_hub_models: bool = Field(
         True,
@@ -171,7 +172,9 @@ class Settings(BaseSettings):
 
     nvml_interval_seconds: float = Field(5, gt=0, description="Seconds between GPU samples")
     events_buffer_size: int = Field(1000, ge=1, description="Cache events kept for /api/events")
-    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint, e.g. http://localhost:4318/v1/traces; unset: no export")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces endpoint, e.g. http://localhost:4318/v1/traces; unset: no export"
+    )
 
     models: CliSuppress[list[ModelEntry]] = Field(
         default_factory=list, description="Models declared in config.yaml (`models:`)"

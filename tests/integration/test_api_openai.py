@@ -125,19 +125,19 @@ def test_transcription_with_base_and_extra_fields(client: openai.OpenAI, jfk_byt
 
 
 def test_translation_with_base(client: openai.OpenAI) -> None:
-    # Japanese speech made by Kokoro (kana, a Japanese voice), translated into English by base.
+    # Spanish speech made by Kokoro (espeak's Spanish phonemes), translated into English by base.
     audio = client.audio.speech.create(
         model=KOKORO,
-        voice="jf_alpha",
-        input="こんばんは。きょうは、いいてんきですね。",
+        voice="jm_kumo",
+        input="Buenos días. Hoy hace muy buen tiempo y quiero ir a la playa con mi familia.",
         response_format="wav",
-        extra_body={"lang": "ja"},
+        extra_body={"lang": "es"},
     ).content
-    result = client.audio.translations.create(model=BASE, file=("ja.wav", audio))
-    text = result.text
-    assert text
-    assert re.fullmatch(r"[\x00-\x7f’]+", text), text  # English (ASCII) text, not Japanese
-    assert {"good", "weather", "evening", "today"} & set(words(text))
+    result = client.audio.translations.create(model=BASE, file=("es.wav", audio), response_format="verbose_json")
+    assert result.language == "es"  # detected: the input was Spanish
+    said = set(words(result.text))
+    assert len({"good", "morning", "beach", "family"} & said) >= 3, result.text
+    assert not {"playa", "familia", "buenos"} & said, result.text  # English, not a transcript
 
 
 @pytest.mark.parametrize(
@@ -267,7 +267,9 @@ def test_streaming_speech_first_bytes_before_full_synthesis(server: Server) -> N
     assert len(chunks) >= 3  # sentence by sentence, not one blob
     assert first_byte < full_seconds / 2, (first_byte, full_seconds)
     streamed = sum(n for _, n in chunks)
-    assert abs(streamed - len(full.content)) < 24000 * 2 * 0.5  # same audio, within half a second
+    # the same speech: sentence by sentence (with Kokoro's sentence pause between pieces) comes out
+    # within 10% of the length of the text synthesized whole
+    assert abs(streamed - len(full.content)) < 0.1 * len(full.content), (streamed, len(full.content))
 
 
 def test_streaming_speech_mp3_decodes(server: Server) -> None:

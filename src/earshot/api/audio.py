@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing
 from typing import Annotated, Any, BinaryIO, Literal, cast
 
 import msgspec
-import numpy as np
 from litestar import Controller, MediaType, Response, get, post
 from litestar.datastructures import UploadFile
 from litestar.enums import RequestEncodingType
@@ -23,7 +23,7 @@ from litestar.response import ServerSentEvent, Stream
 from litestar.response.sse import ServerSentEventMessage
 from opentelemetry import trace
 
-from earshot.api.errors import bad_request
+from earshot.api.errors import ERROR_RESPONSES, bad_request
 from earshot.api.formats import segment_json, to_srt, to_vtt, verbose_json
 from earshot.api.services import Services
 from earshot.audio.decode import decode_audio
@@ -38,6 +38,7 @@ WHISPER_RATE = 16_000
 TranscriptFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 SpeechFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
 Granularity = Literal["word", "segment"]
+MAX_KEEP_ALIVE = 10 * 365 * 86400.0  # seconds; -1 is the way to say "never unload"
 DEFAULT_VOICE = "alloy"  # OpenAI requires a voice; without one, the model's voice for "alloy"
 
 
@@ -89,10 +90,16 @@ class SpeechRequest(msgspec.Struct, kw_only=True):
     keep_alive: float | None = None
 
 
-def _check_keep_alive(value: float | None) -> None:
-    if value is not None and value < 0 and value != -1:
+def check_keep_alive(value: float | None) -> None:
+    """-1 (never unload), 0 (unload now) or finite seconds up to MAX_KEEP_ALIVE. NaN compares false
+    with everything (it would pass `< 0` and mean "never" by accident); inf and huge values have no
+    representable expiry time (`/api/ps` expires_at)."""
+    if value is None or value == -1:
+        return
+    if not math.isfinite(value) or not 0 <= value <= MAX_KEEP_ALIVE:
         raise bad_request(
-            "keep_alive must be -1 (never unload), 0 (unload now) or seconds >= 0", param="keep_alive"
+            f"keep_alive must be -1 (never unload), 0 (unload now) or seconds from 0 to {MAX_KEEP_ALIVE:.0f}",
+            param="keep_alive",
         )
 
 
@@ -113,19 +120,23 @@ def _transcript_response(transcript: Transcript, fmt: str, *, task: str, words: 
     return Response({"text": transcript.text}, media_type=MediaType.JSON)
 
 
-def _speak(handle: Any, text: str, voice: str, speed: float, lang: str | None) -> np.ndarray:
-    """The whole text, sentence by sentence (the same pieces a stream sends), as one array."""
-    return np.concatenate(list(handle.iter_synthesize(text, voice, speed=speed, lang=lang)))
+# First item of a stream generator that sends nothing: "checks passed, model held". Whatever the
+# generator makes current after it (the inference span) is then attached and detached in the task
+# that streams the response; made current before it, it would be attached here, in the handler's
+# context, and detached in Litestar's streaming task ("Failed to detach context", logged as ERROR).
+READY: Any = object()
 
 
 async def _prefetch(agen: AsyncGenerator[Any, None]) -> AsyncIterator[Any]:
     """Run a generator to its first item now, so errors before it (unknown voice, load failure,
-    cache full) become proper HTTP errors instead of a broken 200 stream."""
+    cache full) become proper HTTP errors instead of a broken 200 stream. A first item `READY` is
+    not sent."""
     first = await agen.__anext__()
 
     async def rest() -> AsyncIterator[Any]:
         try:
-            yield first
+            if first is not READY:
+                yield first
             async for item in agen:
                 yield item
         finally:
@@ -146,7 +157,7 @@ class AudioController(Controller):
     ) -> Response[Any] | ServerSentEvent:
         spec = services.spec_for(form.model, Task.TRANSCRIPTION)
         _check_temperature(form.temperature)
-        _check_keep_alive(form.keep_alive)
+        check_keep_alive(form.keep_alive)
         language = getattr(form, "language", None) or None
         granularities = getattr(form, "timestamp_granularities", [])
         words = "word" in ([granularities] if isinstance(granularities, str) else granularities)
@@ -226,6 +237,7 @@ class AudioController(Controller):
         async with services.acquire(model, form.keep_alive) as lease:
             handle: WhisperHandle = lease.handle
             check(handle)
+            yield READY  # errors above are HTTP errors; the span below starts in the streaming task
             started = time.perf_counter()
             texts: list[str] = []
             with tracer.start_as_current_span(
@@ -255,7 +267,12 @@ class AudioController(Controller):
         done = {"type": "transcript.text.done", "text": "".join(texts).strip()}
         yield ServerSentEventMessage(data=json.dumps(done))
 
-    @post("/transcriptions", status_code=200, summary="Transcribe audio (OpenAI-compatible)")
+    @post(
+        "/transcriptions",
+        status_code=200,
+        responses=ERROR_RESPONSES,
+        summary="Transcribe audio (OpenAI-compatible)",
+    )
     async def transcriptions(
         self,
         services: Services,
@@ -263,7 +280,12 @@ class AudioController(Controller):
     ) -> Response[Any] | ServerSentEvent:
         return await self._stt(services, data, "transcribe")
 
-    @post("/translations", status_code=200, summary="Translate audio into English text (OpenAI-compatible)")
+    @post(
+        "/translations",
+        status_code=200,
+        responses=ERROR_RESPONSES,
+        summary="Translate audio into English text (OpenAI-compatible)",
+    )
     async def translations(
         self,
         services: Services,
@@ -271,7 +293,9 @@ class AudioController(Controller):
     ) -> Response[Any] | ServerSentEvent:
         return await self._stt(services, data, "translate")
 
-    @post("/speech", status_code=200, summary="Synthesize speech (OpenAI-compatible)")
+    @post(
+        "/speech", status_code=200, responses=ERROR_RESPONSES, summary="Synthesize speech (OpenAI-compatible)"
+    )
     async def speech(self, services: Services, data: SpeechRequest) -> Response[bytes] | Stream:
         spec = services.spec_for(data.model, Task.SPEECH)
         text = data.input.strip()
@@ -286,7 +310,7 @@ class AudioController(Controller):
             )
         if not 0.25 <= data.speed <= 4.0:
             raise bad_request("speed must be between 0.25 and 4.0", param="speed")
-        _check_keep_alive(data.keep_alive)
+        check_keep_alive(data.keep_alive)
         content_type = CONTENT_TYPES[data.response_format]
         if data.stream:
             return Stream(
@@ -300,7 +324,11 @@ class AudioController(Controller):
                 "inference", attributes={"earshot.model": spec.id, "earshot.task": spec.task.value}
             ) as span:
                 started = time.perf_counter()
-                samples = await services.gate.run(spec.id, _speak, handle, text, voice, data.speed, data.lang)
+                # One Kokoro.create for the whole text: kokoro-onnx splits it at sentence boundaries into
+                # batches its model accepts, faster than one call per sentence (bench/ tts).
+                samples = await services.gate.run(
+                    spec.id, handle.synthesize, text, voice, speed=data.speed, lang=data.lang
+                )
                 audio_s = len(samples) / handle.sample_rate
                 span.set_attribute("earshot.audio_seconds", audio_s)
                 services.record_inference(
@@ -316,27 +344,41 @@ class AudioController(Controller):
     async def _speech_chunks(
         self, services: Services, model: str, text: str, data: SpeechRequest
     ) -> AsyncGenerator[bytes, None]:
-        """Audio as it is made: sentence by sentence, each encoded and sent before the next is synthesized."""
+        """Audio as it is made: sentence by sentence, each encoded and sent before the next is synthesized.
+
+        The first piece is synthesized before the response starts (`_prefetch` runs this generator to
+        its first item), so what fails on it (an unsupported `lang`, ...) is an HTTP error like without
+        `stream`, not a 200 cut short after its headers."""
         async with services.acquire(model, data.keep_alive) as lease:
             handle = lease.handle
             voice = handle.resolve_voice(data.voice or DEFAULT_VOICE)
             encoder = StreamEncoder(data.response_format, handle.sample_rate)
-            yield b""  # voice resolved and model held: the response can start
             started = time.perf_counter()
             audio_s = 0.0
-            with tracer.start_as_current_span(
+            # Not made current here: this generator runs up to its first item in the handler's
+            # context and on in the task that streams the response, and a context attached in one
+            # cannot be detached in the other. The worker thread makes it current while it works.
+            span = tracer.start_span(
                 "inference", attributes={"earshot.model": model, "earshot.task": Task.SPEECH.value}
-            ) as span:
-                pieces = services.gate.iterate(
-                    model, lambda: handle.iter_synthesize(text, voice, speed=data.speed, lang=data.lang)
-                )
+            )
+
+            def synthesize() -> Iterator[Any]:
+                with trace.use_span(span, end_on_exit=False):
+                    yield from handle.iter_synthesize(text, voice, speed=data.speed, lang=data.lang)
+
+            try:
+                pieces = services.gate.iterate(model, synthesize)
+                first = True
                 async with aclosing(pieces):
                     async for samples in pieces:
                         audio_s += len(samples) / handle.sample_rate
                         chunk = await asyncio.to_thread(encoder.write, samples)
-                        if chunk:
+                        if chunk or first:  # the first piece ends the prefetch, even if still encoded in part
                             yield chunk
+                        first = False
                 span.set_attribute("earshot.audio_seconds", audio_s)
+            finally:
+                span.end()
             services.record_inference(
                 model=model, task=Task.SPEECH.value, duration_s=time.perf_counter() - started, audio_s=audio_s
             )
@@ -344,7 +386,7 @@ class AudioController(Controller):
         if tail:
             yield tail
 
-    @get("/voices", summary="Voices of the speech models")
+    @get("/voices", responses=ERROR_RESPONSES, summary="Voices of the speech models")
     async def voices(
         self,
         services: Services,

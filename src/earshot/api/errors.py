@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import ResponseSpec
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
     HTTP_401_UNAUTHORIZED,
@@ -36,6 +38,35 @@ from earshot.cache.errors import (
 log = logging.getLogger("earshot.api")
 
 RETRY_AFTER_SECONDS = 5
+
+
+@dataclass
+class ErrorDetail:
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+@dataclass
+class ErrorEnvelope:
+    """OpenAI's error body, for the OpenAPI schema (the handlers build it in `APIError`)."""
+
+    error: ErrorDetail
+
+
+def _spec(description: str) -> ResponseSpec:
+    return ResponseSpec(data_container=ErrorEnvelope, description=description, generate_examples=False)
+
+
+# Documented on every API route in place of Litestar's own validation-error body.
+ERROR_RESPONSES: dict[int, ResponseSpec] = {
+    400: _spec("Invalid request: bad field, unreadable audio, wrong model for the task"),
+    401: _spec("Missing or wrong API key (when api_key is set)"),
+    404: _spec("Unknown model"),
+    413: _spec("Request body over max_upload_bytes"),
+    503: _spec("Cache full, too many waiting requests, or the model failed/timed out loading (Retry-After)"),
+}
 
 
 class APIError(Exception):
@@ -116,6 +147,8 @@ def from_exception(exc: Exception) -> APIError:
         return APIError(HTTP_400_BAD_REQUEST, exc.message, param=exc.param, code=code.get(exc.param or ""))
     if isinstance(exc, ValidationException):
         return _validation(exc)
+    if _unparsable(exc) and _raised_while_parsing(exc):
+        return bad_request(_unparsable_message(exc))
     if isinstance(exc, HTTPException):
         status = exc.status_code
         message = exc.detail or "error"
@@ -134,6 +167,34 @@ def from_exception(exc: Exception) -> APIError:
         return APIError(status, message, type=kind, headers=exc.headers or None)
     log.exception("unhandled error", exc_info=exc)
     return APIError(HTTP_500_INTERNAL_SERVER_ERROR, "Internal server error.", type="server_error")
+
+
+# What Litestar's request parsing lets through when the body is not what it claims to be: bytes that
+# are not UTF-8 (JSON, multipart text fields), an unknown `charset=` (LookupError), JSON nested
+# deeper than the decoder's recursion limit (RecursionError).
+def _unparsable(exc: BaseException) -> bool:
+    # A codec lookup raises LookupError itself; its subclasses (KeyError, IndexError) are bugs.
+    return isinstance(exc, UnicodeError | RecursionError) or type(exc) is LookupError
+
+
+def _raised_while_parsing(exc: BaseException) -> bool:
+    """True when `exc` comes from Litestar turning the request into handler arguments (client input),
+    not from a handler or the app (those stay 500s: they are bugs)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "to_kwargs" and "litestar" in code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _unparsable_message(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "The request body is nested too deeply to parse."
+    if type(exc) is LookupError:
+        return "The request names a charset that is not supported; send UTF-8."
+    return "The request body could not be decoded as text; send UTF-8."
 
 
 def _validation(exc: ValidationException) -> APIError:

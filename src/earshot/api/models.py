@@ -14,7 +14,8 @@ from litestar import Controller, Response, delete, get, post
 from litestar.params import Body, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_404_NOT_FOUND
 
-from earshot.api.errors import APIError, bad_request, model_not_found
+from earshot.api.audio import check_keep_alive
+from earshot.api.errors import ERROR_RESPONSES, APIError, model_not_found
 from earshot.api.services import Services
 from earshot.cache.events import EvictionReason
 from earshot.cache.protocol import ModelSpec
@@ -24,7 +25,13 @@ OWNER = "earshot"
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    """ISO 8601, or None for no time or one no calendar can show (a far-future expiry)."""
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _model_id(raw: str) -> str:
@@ -82,8 +89,7 @@ def ps_entry(state: ModelState) -> dict[str, Any]:
 
 def _check_load_body(body: LoadRequest | None) -> LoadRequest:
     body = body or LoadRequest()
-    if body.keep_alive is not None and body.keep_alive < 0 and body.keep_alive != -1:
-        raise bad_request("keep_alive must be -1 (never unload), 0 or seconds >= 0", param="keep_alive")
+    check_keep_alive(body.keep_alive)
     return body
 
 
@@ -119,26 +125,31 @@ class ModelsController(Controller):
     path = "/v1/models"
     tags = ["models"]  # noqa: RUF012
 
-    @get("/", summary="List models (OpenAI shape, plus task and loaded)")
+    @get("/", responses=ERROR_RESPONSES, summary="List models (OpenAI shape, plus task and loaded)")
     async def list_models(self, services: Services) -> dict[str, Any]:
         snap = services.cache.snapshot()
         data = [model_object(services, spec, snap.get(spec.id)) for spec in services.catalog.specs.values()]
         data.sort(key=lambda m: m["id"])
         return {"object": "list", "data": data}
 
-    @get("/{model_id:path}", summary="Describe a model")
+    @get("/{model_id:path}", responses=ERROR_RESPONSES, summary="Describe a model")
     async def get_model(self, services: Services, model_id: ModelPath) -> dict[str, Any]:
         spec = _spec(services, _model_id(model_id))
         return model_object(services, spec, services.cache.snapshot().get(spec.id))
 
-    @post("/{model_id:path}", status_code=HTTP_200_OK, summary="Load a model (answers once it is loaded)")
+    @post(
+        "/{model_id:path}",
+        status_code=HTTP_200_OK,
+        responses=ERROR_RESPONSES,
+        summary="Load a model (answers once it is loaded)",
+    )
     async def load_model(
         self, services: Services, model_id: ModelPath, data: OptionalLoad = None
     ) -> dict[str, Any]:
         spec = await _load(services, _model_id(model_id), data)
         return model_object(services, spec, services.cache.snapshot().get(spec.id))
 
-    @delete("/{model_id:path}", status_code=HTTP_200_OK, summary="Unload a model")
+    @delete("/{model_id:path}", status_code=HTTP_200_OK, responses=ERROR_RESPONSES, summary="Unload a model")
     async def unload_model(self, services: Services, model_id: ModelPath) -> Response[dict[str, Any]]:
         return await _unload(services, _model_id(model_id))
 
@@ -147,7 +158,7 @@ class PsController(Controller):
     path = "/api/ps"
     tags = ["cache"]  # noqa: RUF012
 
-    @get("/", summary="Loaded (and loading) models with their cache state")
+    @get("/", responses=ERROR_RESPONSES, summary="Loaded (and loading) models with their cache state")
     async def ps(self, services: Services) -> dict[str, Any]:
         snap = services.cache.snapshot()
         return {
@@ -159,7 +170,10 @@ class PsController(Controller):
         }
 
     @post(
-        "/{model_id:path}", status_code=HTTP_200_OK, summary="Load a model, optionally with keep_alive / pin"
+        "/{model_id:path}",
+        status_code=HTTP_200_OK,
+        responses=ERROR_RESPONSES,
+        summary="Load a model, optionally with keep_alive / pin",
     )
     async def load(
         self, services: Services, model_id: ModelPath, data: OptionalLoad = None
@@ -168,6 +182,6 @@ class PsController(Controller):
         state = services.cache.snapshot().get(spec.id)
         return ps_entry(state) if state else {"model": spec.id, "loaded": False}
 
-    @delete("/{model_id:path}", status_code=HTTP_200_OK, summary="Unload a model")
+    @delete("/{model_id:path}", status_code=HTTP_200_OK, responses=ERROR_RESPONSES, summary="Unload a model")
     async def unload(self, services: Services, model_id: ModelPath) -> Response[dict[str, Any]]:
         return await _unload(services, _model_id(model_id))

@@ -11,6 +11,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import anyio
+
 from earshot.cache.manager import Lease, ModelCache
 from earshot.cache.protocol import ModelSpec, Task
 from earshot.models.catalog import Catalog
@@ -87,8 +89,13 @@ class InferenceGate:
             finally:
                 stop.set()
                 # Keep the model's slot (and the caller's cache reference) until the thread is done
-                # with the model: shielded, so a cancelled request still waits for its worker.
-                await asyncio.shield(worker)
+                # with the model: shielded, so a cancelled request still waits for its worker. From
+                # AnyIO's cancellation too: Litestar cancels a streaming response whose client went
+                # away through an AnyIO cancel scope, which cancels again at every await until the
+                # task leaves it, so `asyncio.shield` alone gave up at once and the reference went
+                # while the worker was still running inference on the model.
+                with anyio.CancelScope(shield=True):
+                    await asyncio.shield(worker)
 
 
 @dataclass

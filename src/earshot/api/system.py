@@ -8,6 +8,7 @@ from litestar import Response, get
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from earshot import __version__
+from earshot.api.errors import ERROR_RESPONSES
 from earshot.api.services import Services
 
 
@@ -26,6 +27,11 @@ async def ready(services: Services) -> Response[dict[str, Any]]:
     )
 
 
-@get("/api/config", tags=["system"], summary="Effective settings, each with its source (secrets redacted)")
+@get(
+    "/api/config",
+    tags=["system"],
+    responses=ERROR_RESPONSES,
+    summary="Effective settings, each with its source (secrets redacted)",
+)
 async def config(services: Services) -> dict[str, Any]:
     return {"settings": services.settings.effective()}

@@ -64,6 +64,7 @@ OPENAI_VOICES: dict[str, str] = {
 }
 
 _DEFAULT_MAX_CHARS = 250
+SENTENCE_PAUSE_S = 0.25  # kokoro-onnx's default sentence_pause
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+|(?<=[。！？])\s*|\n\s*\n|\n(?=\s*[-*•\d])")
 _CLAUSE_END = re.compile(r"(?<=[,;:、，；：—–])\s*")
 _ABBREVIATIONS = frozenset(
@@ -281,8 +282,12 @@ class KokoroHandle:
         pieces = self.split_sentences(text)
         if not pieces:
             raise InvalidInput("the input text has nothing to say")
-        for piece in pieces:
-            yield self.synthesize(piece, resolved, speed, lang)
+        pause = np.zeros(int(SENTENCE_PAUSE_S * self.sample_rate / speed), dtype=np.float32)
+        for i, piece in enumerate(pieces):
+            audio = self.synthesize(piece, resolved, speed, lang)
+            # the pause Kokoro.create puts between the sentences of one text, so a stream sounds
+            # like the same text synthesized whole
+            yield np.concatenate([pause, audio]) if i else audio
 
 
 def _find_files(path: Path, options: Any) -> tuple[Path, Path]:
