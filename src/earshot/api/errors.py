@@ -204,14 +204,21 @@ def _validation(exc: ValidationException) -> APIError:
         first = details[0]
         key = first.get("key")
         param = str(key) if key is not None else None
-        parts = [
-            f"{d.get('key')}: {d.get('message')}" if d.get("key") else str(d.get("message")) for d in details
-        ]
-        message = "Invalid request: " + "; ".join(parts)
+        parts = [_detail(d) for d in details]
+        message = "Invalid request: " + "; ".join(dict.fromkeys(parts))
     else:
         param = None
         message = exc.detail or "Invalid request."
     return APIError(HTTP_400_BAD_REQUEST, message, param=param)
+
+
+def _detail(detail: dict[str, Any]) -> str:
+    key, message = detail.get("key"), str(detail.get("message"))
+    if key == "data" and message == "'data'":  # Litestar's words for "no body at all"
+        return "the request body is missing; send a JSON object"
+    if key == "data":
+        return f"the request body: {message}"
+    return f"{key}: {message}" if key else message
 
 
 def exception_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
