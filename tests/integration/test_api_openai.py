@@ -133,7 +133,9 @@ def test_translation_with_base(client: openai.OpenAI) -> None:
         response_format="wav",
         extra_body={"lang": "es"},
     ).content
-    result = client.audio.translations.create(model=BASE, file=("es.wav", audio), response_format="verbose_json")
+    result = client.audio.translations.create(
+        model=BASE, file=("es.wav", audio), response_format="verbose_json"
+    )
     assert result.language == "es"  # detected: the input was Spanish
     said = set(words(result.text))
     assert len({"good", "morning", "beach", "family"} & said) >= 3, result.text
