@@ -22,6 +22,7 @@ from bench.common import (
     transcribe,
     unload_model,
 )
+from earshot.cache.memory import release_memory
 
 NAME = "cold"
 TITLE = "Cold load (tiny.en)"
@@ -38,8 +39,10 @@ client wall times: what a client pays for the load, everything included (the cac
 footprint estimate, thread hand-offs, a new model's first inference).
 direct load: wall time of `WhisperModel(path, device=auto->resolved, compute_type="auto",
 cpu_threads=0, num_workers=1, local_files_only=True)` in the benchmark process (the constructor
-WhisperBackend.load calls, same arguments), after the previous instance was dropped and gc.collect()
-ran. Then two transcriptions of jfk.flac on the new model (as in the stt benchmark): direct
+WhisperBackend.load calls, same arguments), after the previous instance was dropped and the memory
+released as earshot's unload releases it (gc.collect() and malloc_trim(0): without the trim the
+direct side reuses the heap pages of the model it just dropped, while earshot's load pages its memory
+in again, about 60 ms of the difference on a 2-core machine). Then two transcriptions of jfk.flac on the new model (as in the stt benchmark): direct
 first-use penalty = construction + first transcription - second transcription (a new model's first
 inference is slower on its own: allocations, page faults; this keeps that out of earshot's bill).
 The rounds alternate which side goes first; one untimed round first on both sides (imports, page
@@ -70,6 +73,10 @@ def run(ctx: Context) -> BenchResult:
         direct.transcribe_file(model, JFK)
         second = time.perf_counter()
         del model
+        # as earshot's unload does: gc, then malloc_trim, so the next construction starts, like the
+        # server's next load, from memory given back to the OS (pages fault in again) rather than
+        # from a heap that still holds the last model's pages
+        release_memory()
         quiesce()
         return built - start, (first - start) - (second - first)
 

@@ -118,8 +118,9 @@ def test_scripted_events_give_exact_counter_values(
         == 2.0
     )
     assert value(registry, "earshot_model_loads_total", model=TTS, task="speech", outcome="failure") == 1.0
-    # created at zero by bind(), so rate()/increase() see the first increment
-    assert value(registry, "earshot_model_loads_total", model=TTS, task="speech", outcome="success") == 0.0
+    # failures and timeouts are created at zero by bind(), so rate()/increase() see the first one
+    assert value(registry, "earshot_model_loads_total", model=TTS, task="speech", outcome="timeout") == 0.0
+    assert value(registry, "earshot_model_loads_total", model=TTS, task="speech", outcome="success") is None
     # load duration: successful loads only
     assert (
         value(registry, "earshot_model_load_duration_seconds_count", model=STT, task="transcription") == 2.0
@@ -385,3 +386,20 @@ async def test_real_cache_idle_age_eviction_and_kept_counters(registry: Collecto
         )
     finally:
         await cache.close()
+
+
+def test_bind_creates_the_series_alerts_count_from() -> None:
+    """At zero before any event, so the first failure, reload or eviction shows in increase()."""
+    for budget in (False, True):
+        registry = CollectorRegistry()
+        CacheMetrics(registry, memory_budget=budget).bind(catalog())
+        for outcome in ("failure", "timeout"):
+            assert (
+                value(registry, "earshot_model_loads_total", model=STT, task="transcription", outcome=outcome)
+                == 0.0
+            )
+        assert value(registry, "earshot_model_reloads_total", model=STT) == 0.0
+        assert value(registry, "earshot_model_evictions_total", model=STT, reason="capacity") == 0.0
+        memory = value(registry, "earshot_model_evictions_total", model=STT, reason="memory")
+        assert memory == (0.0 if budget else None)  # no budget: nothing is ever evicted for memory
+        assert value(registry, "earshot_cache_requests_total", model=STT, result="hit") is None

@@ -11,7 +11,7 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath
 from litestar.plugins.prometheus import PrometheusMiddleware
 from litestar.testing import TestClient
-from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from earshot.api.metrics import metrics_handler
 from earshot.observability.http_metrics import (
@@ -159,5 +159,7 @@ def test_metrics_endpoint_content_type(accept: str | None) -> None:
     with TestClient(app_with(registry)) as client:
         response = client.get("/metrics", headers=headers)
     assert response.status_code == 200
-    assert response.headers["content-type"] == "text/plain; version=1.0.0; charset=utf-8"
+    # the Prometheus text format (whatever version the library speaks), never OpenMetrics
+    assert response.headers["content-type"] == CONTENT_TYPE_LATEST
+    assert response.headers["content-type"].startswith("text/plain; version=")
     assert response.headers["cache-control"] == "no-store"

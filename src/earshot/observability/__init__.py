@@ -125,7 +125,7 @@ class Observability:
         # no dashboard or alert reads. prometheus_client only offers a process-wide switch.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         registry = registry if registry is not None else default_registry()
-        metrics = CacheMetrics(registry)
+        metrics = CacheMetrics(registry, memory_budget=settings.memory_budget_bytes is not None)
         interval = settings.nvml_interval_seconds
         sampler = (
             DisabledSampler(interval)

@@ -10,11 +10,12 @@ id the catalog does not hold, an event is dropped rather than labelled, so nothi
 can create a series. `task` comes from the catalog too (`transcription` or `speech`).
 
 `bind()` creates at zero, for every catalog model, the counter series the alerts count from:
-loads by outcome, reloads, and capacity/memory evictions. Prometheus's `rate()`/`increase()` need
+failed and timed-out loads, reloads, and capacity evictions (memory evictions too when a memory
+budget is set). Prometheus's `rate()`/`increase()` need
 a sample before the first increment, so a series born at its first event would hide that event
-(the first failed load, the first reload of a storm). The other series (hit/miss/coalesced, idle
-and manual evictions, histograms) are born with their first event: each pre-created series is a
-line of every scrape, for every catalog model. Series live as long as the process, so an evicted
+(the first failed load, the first reload of a storm). The other series (hit/miss/coalesced,
+successful loads, idle and manual evictions, histograms) are born with their first event: each
+pre-created series is a line of every scrape, for every catalog model. Series live as long as the process, so an evicted
 model keeps its counters.
 """
 
@@ -53,7 +54,8 @@ LIFETIME_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0,
 class CacheMetrics:
     """Counters and histograms of cache events and inferences, registered on `registry`."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, memory_budget: bool = False) -> None:
+        self.memory_budget = memory_budget  # a memory budget is set: memory evictions can happen
         self._tasks: Mapping[str, str] | None = None  # catalog id -> task; None until bound
         self.cache_requests = Counter(
             "earshot_cache_requests_total",
@@ -127,10 +129,13 @@ class CacheMetrics:
     def bind(self, catalog: Catalog) -> None:
         """Accept events and inferences of `catalog`'s models (by canonical id) from now on."""
         self._tasks = {model_id: spec.task.value for model_id, spec in catalog.specs.items()}
+        reasons = [EvictionReason.CAPACITY]
+        if self.memory_budget:
+            reasons.append(EvictionReason.MEMORY)  # only a budget evicts for memory
         for model_id, task in self._tasks.items():
-            for outcome in ("success", *(kind.value for kind in LoadFailureKind)):
-                self.loads.labels(model_id, task, outcome)
-            for reason in (EvictionReason.CAPACITY, EvictionReason.MEMORY):
+            for kind in LoadFailureKind:
+                self.loads.labels(model_id, task, kind.value)
+            for reason in reasons:
                 self.evictions.labels(model_id, reason.value)
             self.reloads.labels(model_id)
 
