@@ -28,8 +28,11 @@ used (their only series: earshot_model_loaded 0); B) then every other model load
 unloaded again, so every per-model series (counters, load and inference histograms, evictions)
 exists, as on a server that has used its whole catalog, {LOADED} still loaded. Log level WARNING
 (no per-request log line).
-generate_latest: wall time of `prometheus_client.generate_latest(registry)` called on the event loop
-thread (where the /metrics handler runs it).
+generate_latest: wall time of `prometheus_client.generate_latest(registry)` (collect + format: the
+whole cost of a scrape).
+collect on the loop: wall time of `list(registry.collect())`, the part the /metrics handler runs on
+the event loop thread (it formats the collected families in a worker thread): how long a scrape
+stalls other requests. Not a target, shown next to it.
 GET /metrics: wall time of one request through Litestar's ASGI stack (routing, middleware, the
 handler) with litestar.testing.AsyncTestClient: no socket, but includes the in-process httpx client.
 The two are interleaved; median and p99. Target: p99 < {TARGET_P99_MS:g} ms for both."""
@@ -73,8 +76,8 @@ def _fake_backend() -> Any:
         return _Backend()
 
 
-async def _timings(registry: Any, client: Any, n: int) -> tuple[list[float], list[float], bytes]:
-    """n interleaved timings of generate_latest (on this, the loop's thread) and GET /metrics."""
+async def _timings(registry: Any, client: Any, n: int) -> tuple[list[float], list[float], list[float], bytes]:
+    """n interleaved timings of generate_latest, GET /metrics and the collect step alone."""
     from prometheus_client import generate_latest
 
     for _ in range(50):  # warm-up
@@ -82,20 +85,24 @@ async def _timings(registry: Any, client: Any, n: int) -> tuple[list[float], lis
         (await client.get("/metrics")).raise_for_status()
     gen: list[float] = []
     http: list[float] = []
+    loop: list[float] = []
     clock = time.perf_counter
     gc.collect()
     for i in range(n):
-        for which in ("gen", "http") if i % 2 == 0 else ("http", "gen"):
+        for which in ("gen", "http", "loop") if i % 2 == 0 else ("loop", "http", "gen"):
             start = clock()
             if which == "gen":
                 generate_latest(registry)
                 gen.append(clock() - start)
+            elif which == "loop":
+                list(registry.collect())
+                loop.append(clock() - start)
             else:
                 await client.get("/metrics")
                 http.append(clock() - start)
     r = await client.get("/metrics")
     r.raise_for_status()
-    return gen, http, r.content
+    return gen, http, loop, r.content
 
 
 async def _history(services: Any, model_id: str) -> None:
@@ -108,12 +115,13 @@ async def _history(services: Any, model_id: str) -> None:
     services.record_inference(model=model_id, task=task, duration_s=0.5, audio_s=11.0)
 
 
-def _phase(label: str, gen: list[float], http: list[float], body: bytes) -> dict[str, Any]:
+def _phase(label: str, gen: list[float], http: list[float], loop: list[float], body: bytes) -> dict[str, Any]:
     samples = [line for line in body.decode().splitlines() if line and not line.startswith("#")]
     return {
         "scenario": label,
         "generate_latest_ms": summary(gen, 1000),
         "http_get_ms": summary(http, 1000),
+        "collect_on_loop_ms": summary(loop, 1000),
         "exposition_bytes": len(body),
         "exposition_samples": len(samples),
         "earshot_samples": sum(1 for s in samples if s.startswith("earshot_")),
@@ -199,5 +207,15 @@ def run(ctx: Context) -> BenchResult:
                     f"{phase['exposition_bytes'] / 1024:.0f} KiB",
                 )
             )
+        st = phase["collect_on_loop_ms"]
+        result.rows.append(
+            Row(
+                NAME,
+                f"on the event loop (collect) p99 [{phase['scenario']}]",
+                st["p99"],
+                "ms",
+                note=f"median {st['median']:.2f} ms: the part of a scrape that blocks the loop",
+            )
+        )
     result.details = details
     return result
