@@ -163,3 +163,42 @@ def test_metrics_endpoint_content_type(accept: str | None) -> None:
     assert response.headers["content-type"] == CONTENT_TYPE_LATEST
     assert response.headers["content-type"].startswith("text/plain; version=")
     assert response.headers["cache-control"] == "no-store"
+
+
+def test_metrics_collects_on_the_loop_and_formats_in_a_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collectors run on the event loop thread (the cache-state collector may only read the cache
+    there); prometheus_client's formatting, most of a scrape's cost, runs in a worker thread. The body
+    is what generate_latest makes of the same registry."""
+    import threading
+
+    from prometheus_client.core import GaugeMetricFamily
+
+    import earshot.api.metrics as metrics_module
+
+    threads: dict[str, int] = {}
+
+    class LoopProbe:
+        def collect(self) -> list[GaugeMetricFamily]:
+            threads["collect"] = threading.get_ident()
+            return [GaugeMetricFamily("earshot_probe", "a probe", value=7)]
+
+    def formatting(collected: Any) -> bytes:
+        threads["format"] = threading.get_ident()
+        return generate_latest(collected)
+
+    @get("/loop-thread", sync_to_thread=False)
+    def loop_thread() -> int:
+        return threading.get_ident()
+
+    registry = CollectorRegistry()
+    registry.register(LoopProbe())
+    monkeypatch.setattr(metrics_module, "generate_latest", formatting)
+    app = Litestar([loop_thread, metrics_handler(registry)], debug=False)
+    with TestClient(app) as client:
+        loop_ident = client.get("/loop-thread").json()
+        body = client.get("/metrics").text
+    seen = dict(threads)
+    assert "earshot_probe 7.0" in body
+    assert body == generate_latest(registry).decode()
+    assert seen["collect"] == loop_ident
+    assert seen["format"] != loop_ident
