@@ -14,6 +14,7 @@ from earshot.backends import (
     KokoroHandle,
     UnknownVoice,
     WhisperBackend,
+    WhisperHandle,
     default_backends,
 )
 from earshot.backends._common import is_out_of_memory
@@ -194,3 +195,48 @@ def test_a_missing_model_dir_fails_without_trying_a_download(tmp_path: Path) -> 
         WhisperBackend(device="cpu").load(spec)
     with pytest.raises(FileNotFoundError):
         KokoroBackend(device="cpu").load(ModelSpec("k", Task.SPEECH, "local", path=tmp_path / "nope"))
+
+
+class BusyCT2Model:
+    """CTranslate2's Whisper as `unload_model` sees it: it returns without unloading while its pool
+    still counts a batch as active (here: the first `busy_calls` calls)."""
+
+    compute_type = "int8_float32"
+    is_multilingual = False
+
+    def __init__(self, busy_calls: int) -> None:
+        self.busy_calls = busy_calls
+        self.calls = 0
+        self.model_is_loaded = True
+
+    def unload_model(self) -> None:
+        self.calls += 1
+        if self.calls > self.busy_calls:
+            self.model_is_loaded = False
+
+
+class FakeWhisperModel:
+    supported_languages = ("en",)
+
+    def __init__(self, inner: BusyCT2Model) -> None:
+        self.model = inner
+
+
+@pytest.mark.parametrize("busy_calls", [0, 3])
+def test_whisper_unload_retries_while_ctranslate2_reports_a_batch_in_flight(busy_calls: int) -> None:
+    inner = BusyCT2Model(busy_calls)
+    handle = WhisperHandle(FakeWhisperModel(inner), model_id="m", device="cpu", compute_type="auto")
+    WhisperBackend(device="cpu").unload(handle)
+    assert not inner.model_is_loaded
+    assert inner.calls == busy_calls + 1
+
+
+def test_whisper_unload_gives_up_on_a_model_that_stays_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import earshot.backends.whisper as whisper_module
+
+    monkeypatch.setattr(whisper_module, "_UNLOAD_RETRY_S", 0.05)
+    inner = BusyCT2Model(busy_calls=10**9)
+    handle = WhisperHandle(FakeWhisperModel(inner), model_id="m", device="cpu", compute_type="auto")
+    WhisperBackend(device="cpu").unload(handle)  # returns: the references are dropped anyway
+    assert inner.model_is_loaded
+    assert inner.calls > 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,9 @@ WhisperTask = Literal["transcribe", "translate"]
 # OpenAI: "If set to 0, the model will use log probability to automatically increase the temperature
 # until certain thresholds are hit" - faster-whisper's fallback schedule.
 _FALLBACK_TEMPERATURES: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+# How long `unload` keeps asking CTranslate2 to free the weights while it reports a batch in flight.
+_UNLOAD_RETRY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,8 +374,17 @@ class WhisperBackend:
         unload_model = getattr(inner, "unload_model", None)
         if callable(unload_model):
             # Frees the weights now (GPU memory included) rather than whenever the last reference goes.
-            with contextlib.suppress(Exception):  # best effort: the references go below anyway
-                unload_model()
+            # CTranslate2 skips the unload, silently, while its pool still counts a batch as active or
+            # another thread holds the model's lock: that count drops a moment after a result is
+            # handed back, so an unload right after the last inference can be skipped. Try again
+            # for a short while.
+            deadline = time.monotonic() + _UNLOAD_RETRY_S
+            while True:
+                with contextlib.suppress(Exception):  # best effort: the references go below anyway
+                    unload_model()
+                if not getattr(inner, "model_is_loaded", False) or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.005)
         del inner, model
 
     def footprint(self, spec: ModelSpec) -> int:
