@@ -33,7 +33,6 @@ import io
 import json
 import os
 import random
-import struct
 from collections.abc import Callable, Iterator
 from http.client import HTTPConnection
 from pathlib import Path
@@ -44,6 +43,7 @@ import httpx
 import pytest
 
 from tests.conftest import JFK_TEXT, words
+from tests.support.audio import clip_wav, wav
 from tests.support.server import Server, run_server
 
 pytestmark = pytest.mark.slow
@@ -77,34 +77,6 @@ def envelope(r: httpx.Response, status: int, *, code: Any = ANY, param: Any = AN
         assert error["param"] == param, error
     assert len(r.content) < MAX_ECHO, len(r.content)
     return str(error["message"])
-
-
-def wav(samples: bytes, *, claimed_samples: int | None = None, rate: int = 16000) -> bytes:
-    """16-bit mono PCM WAV; the header may claim more samples than it holds."""
-    n = len(samples) // 2 if claimed_samples is None else claimed_samples
-    data_bytes = min(n * 2, 0xFFFFFFFF - 36)
-    header = struct.pack(
-        "<4sI4s4sIHHIIHH4sI",
-        *(b"RIFF", 36 + data_bytes, b"WAVE", b"fmt ", 16, 1, 1, rate, rate * 2, 2, 16, b"data", data_bytes),
-    )
-    return header + samples
-
-
-def short_clip(flac: Path, seconds: float = 2.0) -> bytes:
-    """The first seconds of jfk.flac ("And so my fellow..."), 16 kHz mono WAV."""
-    out = io.BytesIO()
-    with av.open(str(flac)) as src, av.open(out, "w", format="wav") as dst:
-        stream = dst.add_stream("pcm_s16le", rate=16000, layout="mono")
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
-        for frame in src.decode(audio=0):
-            if frame.time is not None and frame.time > seconds:
-                break
-            for piece in resampler.resample(frame):
-                for packet in stream.encode(piece):
-                    dst.mux(packet)
-        for packet in stream.encode(None):
-            dst.mux(packet)
-    return out.getvalue()
 
 
 def decoded_seconds(data: bytes) -> float:
@@ -167,7 +139,7 @@ def jfk(jfk_flac: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def clip(jfk_flac: Path) -> bytes:
-    return short_clip(jfk_flac)
+    return clip_wav(jfk_flac, 2.0)
 
 
 @pytest.fixture(scope="module")

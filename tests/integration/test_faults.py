@@ -22,19 +22,18 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import av
 import httpx
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import words
+from tests.support.audio import pcm16, wav
 from tests.support.server import Server, run_server
 
 pytestmark = pytest.mark.slow
@@ -94,25 +93,6 @@ def no_errors_logged(server: Server, *, expected: tuple[str, ...] = ()) -> None:
         if line.get("level") in ("error", "critical") and line.get("event") not in expected
     ]
     assert not errors, errors[:3]
-
-
-def pcm16(flac: Path) -> bytes:
-    """jfk.flac as 16 kHz mono 16-bit PCM."""
-    out = bytearray()
-    with av.open(str(flac)) as src:
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
-        for frame in src.decode(audio=0):
-            for piece in resampler.resample(frame):
-                out += bytes(piece.planes[0])[: piece.samples * 2]
-    return bytes(out)
-
-
-def wav(pcm: bytes) -> bytes:
-    header = struct.pack(
-        "<4sI4s4sIHHIIHH4sI",
-        *(b"RIFF", 36 + len(pcm), b"WAVE", b"fmt ", 16, 1, 1, 16000, 32000, 2, 16, b"data", len(pcm)),
-    )
-    return header + pcm
 
 
 def transcribe(client: httpx.Client, audio: bytes, model: str = TINY) -> httpx.Response:

@@ -21,7 +21,6 @@ sent with a streaming client, which checks the status and the first bytes and ha
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -29,7 +28,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import av
 import httpx
 import pytest
 import requests
@@ -37,6 +35,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from tests.support.audio import clip_wav
 from tests.support.server import Server, run_server
 
 pytestmark = pytest.mark.slow
@@ -54,23 +53,6 @@ REAL_MODEL = {
 }
 
 
-def short_clip(flac: Path, seconds: float = 2.0) -> bytes:
-    """The first seconds of jfk.flac as 16 kHz mono WAV (cheap to transcribe)."""
-    out = io.BytesIO()
-    with av.open(str(flac)) as src, av.open(out, "w", format="wav") as dst:
-        stream = dst.add_stream("pcm_s16le", rate=16000, layout="mono")
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
-        for frame in src.decode(audio=0):
-            if frame.time is not None and frame.time > seconds:
-                break
-            for piece in resampler.resample(frame):
-                for packet in stream.encode(piece):
-                    dst.mux(packet)
-        for packet in stream.encode(None):
-            dst.mux(packet)
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def fuzz_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with run_server(
@@ -86,7 +68,7 @@ def fuzz_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.fixture(scope="module")
 def clip(jfk_flac: Path) -> bytes:
-    return short_clip(jfk_flac)
+    return clip_wav(jfk_flac, 2.0)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ import io
 import os
 import random
 import statistics
-import struct
 import threading
 import time
 from collections import Counter, defaultdict
@@ -48,6 +47,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import words
+from tests.support.audio import clip_wav
 from tests.support.server import Server, run_server
 
 pytestmark = pytest.mark.slow
@@ -68,22 +68,6 @@ SENTENCE = "Hello world, this is a soak test."
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def clip_wav(flac: Path, seconds: float = 3.0) -> bytes:
-    """The first seconds of jfk.flac ("And so my fellow Americans"), 16 kHz mono WAV."""
-    pcm = bytearray()
-    with av.open(str(flac)) as src:
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
-        for frame in src.decode(audio=0):
-            for piece in resampler.resample(frame):
-                pcm += bytes(piece.planes[0])[: piece.samples * 2]
-    data = bytes(pcm[: int(16000 * seconds) * 2])
-    header = struct.pack(
-        "<4sI4s4sIHHIIHH4sI",
-        *(b"RIFF", 36 + len(data), b"WAVE", b"fmt ", 16, 1, 1, 16000, 32000, 2, 16, b"data", len(data)),
-    )
-    return header + data
 
 
 def seconds_of(audio: bytes) -> float:
@@ -215,7 +199,7 @@ def soak_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.mark.timeout(int(SOAK_SECONDS) + 600)
 def test_soak_eviction_storm(soak_server: Server, jfk_flac: Path) -> None:
-    clip = clip_wav(jfk_flac)
+    clip = clip_wav(jfk_flac, 3.0)
     pauser = Pauser()
     outcomes: list[Outcome] = []
     crashes: list[BaseException] = []
