@@ -11,12 +11,11 @@ can create a series. `task` comes from the catalog too (`transcription` or `spee
 
 `bind()` creates at zero, for every catalog model, the counter series the alerts count from:
 failed and timed-out loads, reloads, and capacity evictions (memory evictions too when a memory
-budget is set). Prometheus's `rate()`/`increase()` need
-a sample before the first increment, so a series born at its first event would hide that event
-(the first failed load, the first reload of a storm). The other series (hit/miss/coalesced,
-successful loads, idle and manual evictions, histograms) are born with their first event: each
-pre-created series is a line of every scrape, for every catalog model. Series live as long as the process, so an evicted
-model keeps its counters.
+budget is set). Prometheus's `rate()`/`increase()` need a sample before the first increment, so a
+series born at its first event would hide that event (the first failed load, the first reload of a
+storm). The other series (hit/miss/coalesced, successful loads, idle and manual evictions,
+histograms) are born with their first event: each pre-created series is a line of every scrape, for
+every catalog model. Series live as long as the process, so an evicted model keeps its counters.
 """
 
 from __future__ import annotations
