@@ -14,9 +14,8 @@ from bench.common import (
     earshot_server,
     log,
     median,
-    metric,
+    metric_delta,
     quiesce,
-    ratio,
     scrape,
     summary,
     transcribe,
@@ -98,12 +97,8 @@ def run(ctx: Context) -> BenchResult:
             after = scrape(client)
             if not first_direct:
                 d = direct_round()
-            loads = metric(after, "earshot_model_loads_total", outcome="success", **labels) - metric(
-                before, "earshot_model_loads_total", outcome="success", **labels
-            )
-            load_s = metric(after, "earshot_model_load_duration_seconds_sum", **labels) - metric(
-                before, "earshot_model_load_duration_seconds_sum", **labels
-            )
+            loads = metric_delta(before, after, "earshot_model_loads_total", outcome="success", **labels)
+            load_s = metric_delta(before, after, "earshot_model_load_duration_seconds_sum", **labels)
             if loads != 1:
                 raise RuntimeError(f"round {i}: expected 1 load of {STT_MODEL}, /metrics counted {loads}")
             if i == 0:
@@ -114,8 +109,6 @@ def run(ctx: Context) -> BenchResult:
             penalty.append(cold - warm)
             lib.append(d[0])
             lib_penalty.append(d[1])
-    r = ratio(median(server_load), median(lib))
-    rp = ratio(median(penalty), median(lib_penalty))
     result.rows.append(
         Row(
             NAME,
@@ -123,7 +116,6 @@ def run(ctx: Context) -> BenchResult:
             median(server_load) * 1000,
             "ms",
             baseline=median(lib) * 1000,
-            ratio=r,
             target=TARGET,
             target_text=f"ratio <= {TARGET}",
             note=f"{rounds} rounds; earshot_model_load_duration_seconds vs WhisperModel(...)",
@@ -136,7 +128,6 @@ def run(ctx: Context) -> BenchResult:
             median(penalty) * 1000,
             "ms",
             baseline=median(lib_penalty) * 1000,
-            ratio=rp,
             target=TARGET,
             target_text=f"ratio <= {TARGET}",
             note=f"cold request {median(cold_req) * 1000:.0f} ms, warm {median(warm_req) * 1000:.0f} ms; "
@@ -152,8 +143,6 @@ def run(ctx: Context) -> BenchResult:
         "warm_request_s": summary(warm_req),
         "direct_construct_s": summary(lib),
         "direct_first_use_penalty_s": summary(lib_penalty),
-        "ratio_load": r,
-        "ratio_penalty": rp,
         "target": TARGET,
         "samples_server_load_s": server_load,
         "samples_penalty_s": penalty,

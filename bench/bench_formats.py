@@ -84,7 +84,6 @@ def run(ctx: Context) -> BenchResult:
                 ttfb * 1000,
                 "ms",
                 baseline=full * 1000,
-                ratio=ttfb / full,
                 note="baseline: the whole synthesis, not streamed",
             ),
             Row(NAME, "speech, 5 sentences: streamed last byte", median(last) * 1000, "ms"),

@@ -55,27 +55,6 @@ def _models_dir(root: Path) -> list[str]:
     return ids
 
 
-def _fake_backend() -> Any:
-    try:
-        from tests.support.fakes import FakeBackend
-
-        return FakeBackend(footprint=100 * 1024 * 1024)
-    except ImportError:  # outside a checkout with tests/: a backend that loads nothing
-        from earshot.cache.protocol import ModelSpec
-
-        class _Backend:
-            def load(self, spec: ModelSpec) -> object:
-                return object()
-
-            def unload(self, handle: Any) -> None:
-                pass
-
-            def footprint(self, spec: ModelSpec) -> int:
-                return 100 * 1024 * 1024
-
-        return _Backend()
-
-
 async def _timings(registry: Any, client: Any, n: int) -> tuple[list[float], list[float], list[float], bytes]:
     """n interleaved timings of generate_latest, GET /metrics and the collect step alone."""
     from prometheus_client import generate_latest
@@ -136,7 +115,9 @@ async def _measure(ctx: Context, root: Path) -> dict[str, Any]:
 
     ids = _models_dir(root)
     settings = Settings(models_dir=root, builtin_hub_models=False, log_level="WARNING")
-    backend = _fake_backend()
+    from tests.support.fakes import FakeBackend  # bench/ runs from a checkout, tests/ beside it
+
+    backend = FakeBackend(footprint=100 * 1024 * 1024)
     app = create_app(settings, backends={"transcription": backend, "speech": backend})
     services = app.state["services"]
     registry = app.state["observability"].registry

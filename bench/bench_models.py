@@ -16,6 +16,7 @@ from bench.common import (
     log,
     median,
     metric,
+    metric_delta,
     scrape,
     speech,
     transcribe,
@@ -49,24 +50,25 @@ def run(ctx: Context) -> BenchResult:
         for model in MODELS:
             task = "speech" if model.startswith("kokoro") else "transcription"
             labels = {"model": model, "task": task}
-            before = metric(scrape(client), "earshot_model_load_duration_seconds_sum", **labels)
+            before = scrape(client)
             load_model(client, model)
-            load_s = metric(scrape(client), "earshot_model_load_duration_seconds_sum", **labels) - before
+            load_s = metric_delta(before, scrape(client), "earshot_model_load_duration_seconds_sum", **labels)
             ps = {m["model"]: m for m in client.get("/api/ps").json()["models"]}
             footprint = float(ps[model]["size_bytes"])
             rss_loaded = _rss(client)
             times = []
             for _ in range(reps + 1):
                 exp = scrape(client)
-                s0 = metric(exp, "earshot_inference_duration_seconds_sum", **labels)
                 start = time.perf_counter()
                 if task == "speech":
                     speech(client, TEXT, "alloy", model=model)
                 else:
                     transcribe(client, audio, model=model)
                 wall = time.perf_counter() - start
-                s1 = metric(scrape(client), "earshot_inference_duration_seconds_sum", **labels)
-                times.append((s1 - s0, wall))
+                inference = metric_delta(
+                    exp, scrape(client), "earshot_inference_duration_seconds_sum", **labels
+                )
+                times.append((inference, wall))
             rss_used = _rss(client)
             warm = times[1:]
             inference = median([t for t, _ in warm])

@@ -16,9 +16,8 @@ from bench.common import (
     earshot_server,
     log,
     median,
-    metric,
+    metric_delta,
     quiesce,
-    ratio,
     scrape,
     summary,
     transcribe,
@@ -99,7 +98,7 @@ def run(ctx: Context) -> BenchResult:
             after = scrape(client)
 
             def delta(sample: str, after: str = after, before: str = before, **extra: str) -> float:
-                return metric(after, sample, **labels, **extra) - metric(before, sample, **labels, **extra)
+                return metric_delta(before, after, sample, **labels, **extra)
 
             loads = delta("earshot_model_loads_total", outcome="success")
             load_s = delta("earshot_model_load_duration_seconds_sum")
@@ -140,7 +139,6 @@ def run(ctx: Context) -> BenchResult:
             median(walls),
             "s",
             baseline=median(baselines),
-            ratio=ratio(median(walls), median(baselines)),
             note=f"load {median(load_all) * 1000:.0f} ms; burst request p50 {median(lat_all):.1f} s, "
             f"max {max(lat_all):.1f} s",
         )

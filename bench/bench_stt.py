@@ -12,12 +12,11 @@ from bench.common import (
     Context,
     Row,
     earshot_server,
+    histogram_mean,
     load_model,
     log,
     median,
-    metric,
     quiesce,
-    ratio,
     scrape,
     summary,
     transcribe,
@@ -104,14 +103,7 @@ def run(ctx: Context) -> BenchResult:
         del model
         quiesce()
     labels = {"model": STT_MODEL, "task": "transcription"}
-    inf_sum = metric(after, "earshot_inference_duration_seconds_sum", **labels) - metric(
-        before, "earshot_inference_duration_seconds_sum", **labels
-    )
-    inf_count = metric(after, "earshot_inference_duration_seconds_count", **labels) - metric(
-        before, "earshot_inference_duration_seconds_count", **labels
-    )
-    server_inference_mean = inf_sum / inf_count if inf_count else float("nan")
-    r = ratio(median(api), median(lib))
+    server_inference_mean = histogram_mean(before, after, "earshot_inference_duration_seconds", **labels)
     result.rows.append(
         Row(
             NAME,
@@ -119,7 +111,6 @@ def run(ctx: Context) -> BenchResult:
             median(api) * 1000,
             "ms",
             baseline=median(lib) * 1000,
-            ratio=r,
             target=TARGET,
             target_text=f"ratio <= {TARGET}",
             note=f"n={n} each; earshot p95 {summary(api)['p95'] * 1000:.0f} ms, "
@@ -134,7 +125,6 @@ def run(ctx: Context) -> BenchResult:
             server_inference_mean * 1000,
             "ms",
             baseline=median(lib) * 1000,
-            ratio=ratio(server_inference_mean, median(lib)),
             note="earshot_inference_duration_seconds over the timed requests (worker-thread transcribe)",
         )
     )
@@ -145,7 +135,6 @@ def run(ctx: Context) -> BenchResult:
             median(dec_earshot) * 1000,
             "ms",
             baseline=median(dec_fw) * 1000,
-            ratio=ratio(median(dec_earshot), median(dec_fw)),
             note="in-process: earshot.audio.decode_audio(bytes) vs faster_whisper.decode_audio(path)",
         )
     )
@@ -154,7 +143,6 @@ def run(ctx: Context) -> BenchResult:
         "iterations": n,
         "earshot_s": summary(api),
         "direct_s": summary(lib),
-        "ratio": r,
         "target": TARGET,
         "server_inference_mean_s": server_inference_mean,
         "direct_options": {k: str(v) for k, v in direct.whisper_options().items()},

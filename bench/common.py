@@ -81,7 +81,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 class Row:
     """One line of the summary table: an earshot figure against its baseline or its target.
 
-    `ratio` is earshot/baseline (None when the row has no baseline). `target` is the largest
+    `ratio` is value/baseline (None when the row has no baseline). `target` is the largest
     acceptable value of `ratio` (or, for rows without a baseline, of `value`); `ok` compares.
     """
 
@@ -90,11 +90,14 @@ class Row:
     value: float
     unit: str
     baseline: float | None = None
-    ratio: float | None = None
     target: float | None = None
     target_text: str = ""
     note: str = ""
     ok_override: bool | None = None  # a pass/fail that is not "<= target" (e.g. loads == 1)
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.baseline is None else ratio(self.value, self.baseline)
 
     @property
     def ok(self) -> bool | None:
@@ -287,6 +290,17 @@ def metric(exposition: str, sample: str, **labels: str) -> float:
             if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+def metric_delta(before: str, after: str, sample: str, **labels: str) -> float:
+    """How much `sample` (summed over the series matching `labels`) grew from one scrape to the next."""
+    return metric(after, sample, **labels) - metric(before, sample, **labels)
+
+
+def histogram_mean(before: str, after: str, histogram: str, **labels: str) -> float:
+    """The mean of the observations `histogram` got between two scrapes (nan if none)."""
+    count = metric_delta(before, after, f"{histogram}_count", **labels)
+    return metric_delta(before, after, f"{histogram}_sum", **labels) / count if count else math.nan
 
 
 def quiesce() -> None:

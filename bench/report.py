@@ -107,7 +107,7 @@ def write_json(path: Path, machine: dict[str, Any], results: list[BenchResult], 
                 "method": r.method,
                 "wall_s": r.wall_s,
                 "error": r.error,
-                "rows": [{**asdict(row), "ok": row.ok} for row in r.rows],
+                "rows": [{**asdict(row), "ratio": row.ratio, "ok": row.ok} for row in r.rows],
                 "detail_table": r.detail_table,
                 "details": r.details,
             }
