@@ -25,6 +25,7 @@ from earshot.api.services import InferenceGate, Services
 from earshot.api.system import config, health, ready
 from earshot.cache.events import Observer
 from earshot.cache.manager import ModelCache
+from earshot.cache.memory import tune_allocator
 from earshot.cache.protocol import Backend
 from earshot.cache.state import CacheConfig
 from earshot.models.catalog import build_catalog
@@ -73,6 +74,9 @@ def create_app(
     if unknown:
         log.warning("preload_models: not in the catalog, skipped: %s", ", ".join(unknown))
     obs = Observability.create(settings, registry=registry)
+    tuned = tune_allocator()  # before the worker threads: each would get an arena of its own
+    if tuned:
+        log.info("glibc malloc set: %s", ", ".join(f"{k}={v}" for k, v in tuned.items()))
     if backends is None:
         from earshot.backends import default_backends
 

@@ -4,10 +4,13 @@ in the worker thread, and the bytes given back are measured."""
 from __future__ import annotations
 
 import gc
+import platform
 import threading
 import weakref
 from collections.abc import Mapping
 from typing import Any
+
+import pytest
 
 from earshot.cache import memory
 from earshot.cache.events import Evicted
@@ -174,3 +177,40 @@ async def test_default_release_memory_and_probe_are_used_when_none_given() -> No
     assert await cache.unload("a") == "unloaded"
     assert backend.unloads == 1
     await cache.close()
+
+
+class FakeMallopt:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, parameter: int, value: int) -> int:
+        self.calls.append((parameter, value))
+        return 1
+
+
+def test_tune_allocator_limits_glibc_to_two_arenas(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeMallopt()
+    monkeypatch.setattr(memory, "_libc_function", lambda name, argtypes: fake if name == "mallopt" else None)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert memory.tune_allocator() == {"MALLOC_ARENA_MAX": 2}
+    assert fake.calls == [(memory.M_ARENA_MAX, 2)]
+
+
+def test_tune_allocator_leaves_what_the_environment_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeMallopt()
+    monkeypatch.setattr(memory, "_libc_function", lambda name, argtypes: fake if name == "mallopt" else None)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert memory.tune_allocator() == {}
+    assert fake.calls == []
+
+
+def test_tune_allocator_without_glibc_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "_libc_function", lambda name, argtypes: None)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert memory.tune_allocator() == {}
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_tune_allocator_on_this_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert memory.tune_allocator() == {"MALLOC_ARENA_MAX": 2}  # the real mallopt took it
