@@ -60,6 +60,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, CliSettingsSource
 
     ps = sub.add_parser("ps", help="show loaded models of a running server")
     ps.add_argument("--watch", action="store_true", help="follow cache events as they happen")
+    ps.add_argument(
+        "--hits", action="store_true", help="with --watch: also a line per cache hit (one per request)"
+    )
     ps.add_argument("--url", help="server base URL (default: base_url setting)")
     ps.add_argument("--api-key", help="API key (default: api_key setting)")
     ps.add_argument("--config", metavar="PATH", help="config.yaml (default: $EARSHOT_CONFIG)")
@@ -148,9 +151,9 @@ def _models_list(settings: Settings, as_json: bool) -> int:
 
 
 def _models_pull(settings: Settings, name: str) -> int:
-    from earshot.cache.protocol import ModelSpec
     from earshot.models.catalog import build_catalog, task_from_repo
     from earshot.models.hub import ModelFetchError, local_path
+    from earshot.types import ModelSpec
 
     catalog = build_catalog(
         models_dir=settings.models_dir, entries=settings.models, aliases_file=settings.model_aliases_file
@@ -187,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             settings = load_settings(config_file=args.config)
             key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
-            return run_ps(args.url or settings.base_url, key, args.watch)
+            return run_ps(args.url or settings.base_url, key, args.watch, hits=args.hits)
         settings = _load(args, sources[command])
     except SettingsError as exc:
         for line in str(exc).splitlines():

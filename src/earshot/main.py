@@ -1,11 +1,14 @@
 """The application factory: `uvicorn --factory earshot.main:create_app`, or `earshot serve`.
 
-One process owns the cache (DESIGN §1): run one uvicorn worker; scale out with more instances.
+The one place that wires an app: settings -> catalog, backends, observability, cache, inference
+service -> the API's routes (including /metrics and /api/events, which serve observability's
+registry and event log). One process owns the cache (DESIGN §1): run one uvicorn worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -20,16 +23,21 @@ from earshot import __version__
 from earshot.api.audio import AudioController
 from earshot.api.auth import api_key_guard
 from earshot.api.errors import EXCEPTION_HANDLERS
+from earshot.api.events import KEEPALIVE_SECONDS, events_router
+from earshot.api.metrics import metrics_handler
 from earshot.api.models import ModelsController, PsController
-from earshot.api.services import InferenceGate, Services
+from earshot.api.services import Services
 from earshot.api.system import config, health, ready
 from earshot.cache.events import Observer
 from earshot.cache.manager import ModelCache
 from earshot.cache.memory import tune_allocator
 from earshot.cache.protocol import Backend
 from earshot.cache.state import CacheConfig
+from earshot.inference.local import LocalInference
+from earshot.inference.workers import Workers
 from earshot.models.catalog import build_catalog
 from earshot.observability import Observability
+from earshot.observability.collector import render
 from earshot.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -45,7 +53,9 @@ def cache_config(settings: Settings) -> CacheConfig:
     return CacheConfig(
         idle_timeout=settings.model_idle_timeout,
         max_models=settings.max_models,
-        memory_budget_bytes=int(settings.memory_budget_bytes) if settings.memory_budget_bytes else None,
+        memory_budget_bytes=None
+        if settings.memory_budget_bytes is None
+        else int(settings.memory_budget_bytes),
         load_timeout=settings.model_load_timeout,
         thrash_window=settings.thrash_window_seconds,
         max_waiting=settings.max_waiting_requests,
@@ -60,6 +70,7 @@ def create_app(
     backends: Mapping[str, Backend] | None = None,
     observers: Sequence[Observer] = (),
     registry: CollectorRegistry | None = None,
+    sse_keepalive: float = KEEPALIVE_SECONDS,
 ) -> Litestar:
     """Build the app. With no settings, they are read now from the environment, `.env` and the
     config file named by EARSHOT_CONFIG (the uvicorn factory path)."""
@@ -89,14 +100,11 @@ def create_app(
         memory_probe=obs.memory_probe,
     )
     obs.bind(cache, catalog)
-    services = Services(
-        settings=settings,
-        catalog=catalog,
-        cache=cache,
-        gate=InferenceGate(settings.inference_concurrency),
-        record_inference=obs.record_inference,
-        acquire_with=obs.traced_acquire,
+    workers = Workers(settings.inference_concurrency)
+    inference = LocalInference(
+        cache, catalog.resolve, backends, workers, tracer=obs.tracer, record=obs.record_inference
     )
+    services = Services(settings=settings, catalog=catalog, inference=inference, workers=workers)
     preload = [spec.id for m in settings.preload_models if (spec := catalog.resolve(m)) is not None]
 
     @asynccontextmanager
@@ -123,7 +131,8 @@ def create_app(
             health,
             ready,
             config,
-            *obs.route_handlers,
+            metrics_handler(cache.snapshot, functools.partial(render, obs.registry), workers.run_work),
+            events_router(obs.events, keepalive=sse_keepalive),
         ],
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,

@@ -179,9 +179,10 @@ def _check(response: httpx.Response, base_url: str) -> None:
         raise _Failure(f"GET {response.request.url.path} failed: HTTP {response.status_code}: {message}")
 
 
-def _watch(client: httpx.Client, base_url: str, out: TextIO) -> int:
+def _watch(client: httpx.Client, base_url: str, out: TextIO, hits: bool) -> int:
     timeout = httpx.Timeout(REQUEST_TIMEOUT, read=STREAM_READ_TIMEOUT)
-    with client.stream("GET", "/api/events", params={"stream": "true"}, timeout=timeout) as response:
+    params = {"stream": "true", **({"hits": "true"} if hits else {})}
+    with client.stream("GET", "/api/events", params=params, timeout=timeout) as response:
         _check(response, base_url)
         try:
             for data in sse_data(response.iter_lines()):
@@ -207,8 +208,10 @@ def run_ps(
     *,
     err: TextIO | None = None,
     transport: httpx.BaseTransport | None = None,
+    hits: bool = False,
 ) -> int:
-    """Print the loaded models; with `watch`, then follow the cache events until interrupted."""
+    """Print the loaded models; with `watch`, then follow the cache events until interrupted (with
+    `hits`, each cache hit too: a line per request under traffic, so off by default)."""
     err = err if err is not None else sys.stderr
     base = base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -225,7 +228,7 @@ def run_ps(
             out.write(ps_table(payload))
             out.flush()
             if watch:
-                return _watch(client, base, out)
+                return _watch(client, base, out, hits)
     except KeyboardInterrupt:
         return 0
     except _Failure as exc:

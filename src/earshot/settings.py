@@ -39,7 +39,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from earshot.cache.protocol import Task
+from earshot.types import Task
 
 ENV_PREFIX = "EARSHOT_"
 SEED_PREFIX = "SPEACHES_"
@@ -131,7 +131,7 @@ class Settings(BaseSettings):
     )
     max_models: int | None = Field(None, ge=1, description="Loaded models at most; unset: no limit")
     memory_budget_bytes: ByteSize | None = Field(
-        None, description="Sum of model footprints at most, e.g. 8GiB; unset: no limit"
+        None, gt=0, description="Sum of model footprints at most, e.g. 8GiB; unset: no limit"
     )
     model_load_timeout: float = Field(300, gt=0, description="Seconds a load (or a wait for room) may take")
     thrash_window_seconds: float = Field(

@@ -20,7 +20,6 @@ from earshot.audio.decode import decode_audio
 from earshot.audio.encode import encode_audio
 from earshot.backends import (
     InvalidInput,
-    InvalidSpeed,
     KokoroBackend,
     KokoroHandle,
     ModelUnloaded,
@@ -31,7 +30,9 @@ from earshot.backends import (
     WhisperBackend,
     WhisperHandle,
 )
-from earshot.cache.protocol import ModelSpec, Task
+from earshot.backends.kokoro import split_sentences
+from earshot.options import InvalidOption, SpeechOptions, TranscribeOptions
+from earshot.types import ModelSpec, Task
 from tests.conftest import JFK_TEXT, words
 
 pytestmark = pytest.mark.slow
@@ -98,12 +99,12 @@ def jfk(jfk_flac: Path) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def fox_speech(kokoro: KokoroHandle) -> np.ndarray:
-    return kokoro.synthesize(FOX, "jf_alpha", lang="en-us")
+    return kokoro.synthesize(FOX, SpeechOptions(voice="jf_alpha", lang="en-us"))
 
 
 @pytest.fixture(scope="session")
 def japanese_speech(kokoro: KokoroHandle) -> np.ndarray:
-    return to_16k(kokoro.synthesize(JAPANESE, "jf_alpha", lang="ja"), kokoro.sample_rate)
+    return to_16k(kokoro.synthesize(JAPANESE, SpeechOptions(voice="jf_alpha", lang="ja")), kokoro.sample_rate)
 
 
 # --------------------------------------------------------------------------- whisper
@@ -134,7 +135,7 @@ def test_base_translates_japanese_speech_into_english(
     heard = base.transcribe(japanese_speech)
     assert heard.language == "ja"
     assert CJK.search(heard.text), f"transcription should be Japanese: {heard.text!r}"
-    translated = base.transcribe(japanese_speech, task="translate")
+    translated = base.transcribe(japanese_speech, TranscribeOptions(task="translate"))
     assert translated.language == "ja"  # the source language
     assert not CJK.search(translated.text), translated.text
     english = words(translated.text)
@@ -144,17 +145,17 @@ def test_base_translates_japanese_speech_into_english(
 
 def test_tiny_en_cannot_translate(tiny: WhisperHandle, jfk: np.ndarray) -> None:
     with pytest.raises(UnsupportedTask, match="English-only") as info:
-        tiny.transcribe(jfk, task="translate")
+        tiny.transcribe(jfk, TranscribeOptions(task="translate"))
     assert isinstance(info.value, ValueError)
     with pytest.raises(UnsupportedLanguage):
-        tiny.transcribe(jfk, language="ja")
+        tiny.transcribe(jfk, TranscribeOptions(language="ja"))
     # translation with the multilingual model is fine; unknown languages are not
     with pytest.raises(UnsupportedLanguage):
-        tiny.transcribe(jfk, language="xx")
+        tiny.transcribe(jfk, TranscribeOptions(language="xx"))
 
 
 def test_word_timestamps_are_present_and_ordered(tiny: WhisperHandle, jfk: np.ndarray) -> None:
-    result = tiny.transcribe(jfk, word_timestamps=True)
+    result = tiny.transcribe(jfk, TranscribeOptions(word_timestamps=True))
     all_words = [w for s in result.segments for w in (s.words or [])]
     assert all(s.words for s in result.segments)
     assert word_errors(" ".join(w.word for w in all_words), JFK_TEXT) <= 1
@@ -174,11 +175,10 @@ def test_word_timestamps_are_present_and_ordered(tiny: WhisperHandle, jfk: np.nd
     assert all(s.words is None for s in plain.segments)
 
 
-def test_iter_segments_is_lazy_and_matches_transcribe(tiny: WhisperHandle, jfk: np.ndarray) -> None:
-    gen = tiny.iter_segments(jfk, task="translate")  # nothing runs yet: the error comes at first pull
-    with pytest.raises(UnsupportedTask):
-        next(gen)
-    segments = list(tiny.iter_segments(jfk))
+def test_stream_matches_transcribe(tiny: WhisperHandle, jfk: np.ndarray) -> None:
+    with pytest.raises(UnsupportedTask):  # checked when the stream starts, before any segment
+        tiny.stream(jfk, TranscribeOptions(task="translate"))
+    segments = list(tiny.stream(jfk))
     assert all(isinstance(s, Segment) for s in segments)
     assert [s.text for s in segments] == [s.text for s in tiny.transcribe(jfk).segments]
     assert [s.id for s in segments] == list(range(1, len(segments) + 1))
@@ -189,18 +189,35 @@ def test_iter_segments_is_lazy_and_matches_transcribe(tiny: WhisperHandle, jfk: 
     assert first.text == segments[0].text
 
 
-def test_options_reach_the_model(tiny: WhisperHandle, jfk: np.ndarray) -> None:
-    vad = tiny.transcribe(jfk, vad_filter=True)
+def test_options_reach_the_model(
+    tiny: WhisperHandle, jfk: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every option arrives at faster-whisper's own transcribe call, as asked. What the model then
+    makes of a prompt (its letter case, say) is the model's whim: only the words are asserted."""
+    seen: list[dict[str, object]] = []
+    real = tiny.model.transcribe
+
+    def spy(audio: np.ndarray, **kwargs: object) -> object:
+        seen.append(kwargs)
+        return real(audio, **kwargs)
+
+    monkeypatch.setattr(tiny.model, "transcribe", spy)
+    vad = tiny.transcribe(jfk, TranscribeOptions(vad_filter=True))
     assert word_errors(vad.text, JFK_TEXT) <= 1
-    greedy = tiny.transcribe(jfk, beam_size=1, temperature=0.3)
+    assert seen[-1]["vad_filter"] is True
+    greedy = tiny.transcribe(jfk, TranscribeOptions(temperature=0.3), beam_size=1)
     assert all(s.temperature == pytest.approx(0.3) for s in greedy.segments)
-    # the prompt conditions the decoder: an all-capitals prompt gives an all-capitals transcript
-    shouted = tiny.transcribe(jfk, prompt="AND SO MY FELLOW AMERICANS. ASK NOT.")
-    assert shouted.text.isupper(), shouted.text
-    assert word_errors(shouted.text, JFK_TEXT) <= 1
-    assert "americans" in words(tiny.transcribe(jfk, hotwords="Americans").text)
-    with pytest.raises(InvalidInput):
-        tiny.transcribe(jfk, temperature=1.5)
+    assert (seen[-1]["temperature"], seen[-1]["beam_size"]) == ([0.3], 1)
+    prompt = "AND SO MY FELLOW AMERICANS. ASK NOT."
+    prompted = tiny.transcribe(jfk, TranscribeOptions(prompt=prompt))
+    assert seen[-1]["initial_prompt"] == prompt
+    assert word_errors(prompted.text, JFK_TEXT) <= 1
+    hot = tiny.transcribe(jfk, TranscribeOptions(hotwords="Americans", language="EN "))
+    assert (seen[-1]["hotwords"], seen[-1]["language"]) == ("Americans", "en")
+    assert "americans" in words(hot.text)
+    assert seen[0]["temperature"] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]  # 0: the fallback schedule
+    with pytest.raises(InvalidOption, match="temperature"):
+        TranscribeOptions(temperature=1.5)
     with pytest.raises(InvalidInput):
         tiny.transcribe(np.zeros(0, np.float32))
 
@@ -246,45 +263,45 @@ def test_kokoro_voices_and_openai_names(kokoro: KokoroHandle) -> None:
     assert kokoro.resolve_voice("alloy").startswith("jf_")
     assert kokoro.resolve_voice("echo") == "jm_kumo"
     with pytest.raises(UnknownVoice, match="jf_alpha"):
-        kokoro.synthesize("Hello.", "nonexistent")
+        kokoro.synthesize("Hello.", SpeechOptions(voice="nonexistent"))
 
 
 def test_an_openai_voice_name_speaks_with_the_mapped_voice(kokoro: KokoroHandle) -> None:
-    by_name = kokoro.synthesize("Hi there.", "echo")
-    mapped = kokoro.synthesize("Hi there.", "jm_kumo")
+    by_name = kokoro.synthesize("Hi there.", SpeechOptions(voice="echo"))
+    mapped = kokoro.synthesize("Hi there.", SpeechOptions(voice="jm_kumo"))
     np.testing.assert_array_equal(by_name, mapped)
-    other = kokoro.synthesize("Hi there.", "jf_alpha")
+    other = kokoro.synthesize("Hi there.", SpeechOptions(voice="jf_alpha"))
     n = min(len(other), len(mapped))
     assert not np.allclose(other[:n], mapped[:n], atol=1e-3)
 
 
 def test_kokoro_speed(kokoro: KokoroHandle) -> None:
     text = "The quick brown fox."
-    normal = len(kokoro.synthesize(text, "jf_alpha")) / 24000
+    normal = len(kokoro.synthesize(text, SpeechOptions(voice="jf_alpha"))) / 24000
     # within the model's own range (0.5-2.0) and beyond it (time-stretched after synthesis)
     for speed in (2.0, 4.0, 0.25):
-        seconds = len(kokoro.synthesize(text, "jf_alpha", speed=speed)) / 24000
+        seconds = len(kokoro.synthesize(text, SpeechOptions(voice="jf_alpha", speed=speed))) / 24000
         assert seconds == pytest.approx(normal / speed, rel=0.2), speed
     for bad in (0.1, 4.5, math.nan):
-        with pytest.raises(InvalidSpeed):
-            kokoro.synthesize(text, "jf_alpha", speed=bad)
+        with pytest.raises(InvalidOption, match="speed"):
+            SpeechOptions(voice="jf_alpha", speed=bad)
 
 
 def test_kokoro_input_and_language_errors(kokoro: KokoroHandle) -> None:
     with pytest.raises(InvalidInput):
-        kokoro.synthesize("  ...  ", "jf_alpha")
+        kokoro.synthesize("  ...  ", SpeechOptions(voice="jf_alpha"))
     with pytest.raises(UnsupportedLanguage):
-        kokoro.synthesize("Hello.", "jf_alpha", lang="xx-nope")
+        kokoro.synthesize("Hello.", SpeechOptions(voice="jf_alpha", lang="xx-nope"))
 
 
 def test_kokoro_sentence_by_sentence(kokoro: KokoroHandle, fox_speech: np.ndarray) -> None:
-    assert kokoro.split_sentences(FOX) == ["Hello world.", "The quick brown fox jumps over the lazy dog."]
-    pieces = list(kokoro.iter_synthesize(FOX, "jf_alpha"))
+    assert split_sentences(FOX) == ["Hello world.", "The quick brown fox jumps over the lazy dog."]
+    pieces = list(kokoro.iter_synthesize(FOX, SpeechOptions(voice="jf_alpha")))
     assert len(pieces) == 2
     assert all(p.dtype == np.float32 for p in pieces)
     assert len(pieces[0]) < len(pieces[1])  # "Hello world." is the shorter sentence
     assert sum(len(p) for p in pieces) == pytest.approx(len(fox_speech), rel=0.25)
-    gen = kokoro.iter_synthesize(FOX, "nobody")  # a generator: the error comes at the first pull
+    gen = kokoro.iter_synthesize(FOX, SpeechOptions(voice="nobody"))  # the error comes at the first pull
     with pytest.raises(UnknownVoice):
         next(gen)
 
@@ -297,7 +314,7 @@ def test_kokoro_unload(models_dir: Path) -> None:
     assert handle.lang == "en-us"
     backend.unload(handle)
     with pytest.raises(ModelUnloaded):
-        handle.synthesize("Hello.", "jf_alpha")
+        handle.synthesize("Hello.", SpeechOptions(voice="jf_alpha"))
     ja = backend.load(ModelSpec("k", Task.SPEECH, "local", path=spec.path, options={"lang": "ja"}))
     assert ja.lang == "ja"
     backend.unload(ja)
@@ -311,7 +328,10 @@ def test_one_handle_serves_concurrent_requests(
     with ThreadPoolExecutor(max_workers=4) as pool:
         texts = [f.result().text for f in [pool.submit(tiny.transcribe, jfk) for _ in range(2)]]
         voices = [
-            f.result() for f in [pool.submit(kokoro.synthesize, "Hi there.", v) for v in ("echo", "echo")]
+            f.result()
+            for f in [
+                pool.submit(kokoro.synthesize, "Hi there.", SpeechOptions(voice=v)) for v in ("echo", "echo")
+            ]
         ]
     assert texts[0] == texts[1]
     assert word_errors(texts[0], JFK_TEXT) <= 1

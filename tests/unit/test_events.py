@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 
 import pytest
 
@@ -24,8 +23,9 @@ T0 = 1_700_000_000.0
 STT = {"model": "faster-whisper-tiny.en", "task": "transcription"}
 
 
-def hits(n: int, start: int = 0) -> list[Hit]:
-    return [Hit(**STT, at=T0 + start + i) for i in range(n)]
+def misses(n: int, start: int = 0) -> list[Miss]:
+    """Lifecycle events (buffered, unlike hits)."""
+    return [Miss(**STT, at=T0 + start + i) for i in range(n)]
 
 
 def test_records_are_json_with_kind_time_and_fields() -> None:
@@ -62,7 +62,7 @@ def test_records_are_json_with_kind_time_and_fields() -> None:
 
 def test_ring_buffer_keeps_the_newest_in_order_with_increasing_ids() -> None:
     log = EventLog(5)
-    for event in hits(12):
+    for event in misses(12):
         log(event)
     recent = log.recent()
     assert [r["id"] for r in recent] == [8, 9, 10, 11, 12]  # newest last, ids never reused
@@ -84,9 +84,9 @@ def test_mixed_events_keep_their_kinds() -> None:
 
 async def test_subscribers_get_new_records_in_order() -> None:
     log = EventLog(100)
-    log(Hit(**STT, at=T0))  # before subscribing: not delivered
+    log(Miss(**STT, at=T0))  # before subscribing: not delivered
     with log.subscribe() as sub:
-        for event in hits(3, start=1):
+        for event in misses(3, start=1):
             log(event)
         got = [await asyncio.wait_for(sub.get(), 1) for _ in range(3)]
     assert [r["id"] for r in got if not isinstance(r, Gap)] == [2, 3, 4]
@@ -97,13 +97,13 @@ async def test_a_slow_subscriber_loses_events_and_is_told_where() -> None:
     log = EventLog(100)
     slow = log.subscribe(queue_size=3)
     fast = log.subscribe(queue_size=100)
-    for event in hits(10):
+    for event in misses(10):
         log(event)  # never blocks, whatever the subscribers do
     got = [await asyncio.wait_for(slow.get(), 1) for _ in range(3)]
     assert [r["id"] for r in got if not isinstance(r, Gap)] == [1, 2, 3]
     assert slow.dropped == 7
     # room again: the gap marker comes first, then the newer events
-    log(Hit(**STT, at=T0 + 20))
+    log(Miss(**STT, at=T0 + 20))
     gap = await asyncio.wait_for(slow.get(), 1)
     assert gap == Gap(dropped=7)
     after = await asyncio.wait_for(slow.get(), 1)
@@ -118,16 +118,25 @@ async def test_a_slow_subscriber_loses_events_and_is_told_where() -> None:
     assert log.subscribers == 0
 
 
-async def test_events_from_another_thread_reach_the_subscriber_loop() -> None:
-    log = EventLog(10)
-    with log.subscribe() as sub:
-        thread = threading.Thread(target=lambda: log(Hit(**STT, at=T0)))
-        thread.start()
-        thread.join()
-        record = await asyncio.wait_for(sub.get(), 1)
-    assert not isinstance(record, Gap)
-    assert record["id"] == 1
-    assert log.recent()[0]["id"] == 1
+async def test_hits_stay_out_of_the_buffer_and_reach_only_subscribers_that_ask() -> None:
+    log = EventLog(5)
+    log(Miss(**STT, at=T0))
+    for i in range(100):
+        log(Hit(**STT, at=T0 + i))
+    assert [r["event"] for r in log.recent()] == ["cache_miss"]  # 100 hits pushed nothing out
+    with log.subscribe() as plain, log.subscribe(hits=True) as watcher:
+        log(Hit(**STT, at=T0 + 200))
+        log(Miss(**STT, at=T0 + 201))
+        got_plain = await asyncio.wait_for(plain.get(), 1)
+        got_hit = await asyncio.wait_for(watcher.get(), 1)
+        got_miss = await asyncio.wait_for(watcher.get(), 1)
+    assert not isinstance(got_plain, Gap | type(END))
+    assert got_plain["event"] == "cache_miss"
+    assert not isinstance(got_hit, Gap | type(END))
+    assert got_hit["event"] == "cache_hit"
+    assert not isinstance(got_miss, Gap | type(END))
+    assert got_miss["id"] == got_plain["id"]
+    assert [r["event"] for r in log.recent()] == ["cache_miss", "cache_miss"]
 
 
 def test_size_must_be_positive() -> None:
@@ -138,7 +147,7 @@ def test_size_must_be_positive() -> None:
 async def test_close_ends_every_subscription_after_what_it_queued() -> None:
     log = EventLog(10)
     sub = log.subscribe()
-    log(Hit(**STT, at=T0))
+    log(Miss(**STT, at=T0))
     log.close()
     first = await asyncio.wait_for(sub.get(), 1)
     assert not isinstance(first, Gap | type(END))

@@ -24,7 +24,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from earshot.api.events import events_router
-from earshot.cache.events import CacheEvent, Hit, Loaded
+from earshot.cache.events import CacheEvent, Loaded, Miss
 from earshot.observability.events import EventLog
 
 T0 = 1_700_000_000.0
@@ -38,7 +38,7 @@ def app_for(log: EventLog, keepalive: float = 15.0) -> Litestar:
 def test_json_listing_with_limit_and_after() -> None:
     log = EventLog(50)
     for i in range(5):
-        log(Hit(**STT, at=T0 + i))
+        log(Miss(**STT, at=T0 + i))
     with TestClient(app_for(log)) as client:
         everything = client.get("/api/events").json()
         newest = client.get("/api/events", params={"limit": 2}).json()
@@ -46,7 +46,7 @@ def test_json_listing_with_limit_and_after() -> None:
         bad = client.get("/api/events", params={"limit": 0})
     assert [e["id"] for e in everything["events"]] == [1, 2, 3, 4, 5]
     assert everything["events"][0] == {
-        "id": 1, "event": "cache_hit", "model": "faster-whisper-tiny.en", "task": "transcription",
+        "id": 1, "event": "cache_miss", "model": "faster-whisper-tiny.en", "task": "transcription",
         "at": "2023-11-14T22:13:20.000+00:00",
     }  # fmt: skip
     assert [e["id"] for e in newest["events"]] == [4, 5]
@@ -135,7 +135,7 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
 @pytest.mark.timeout(30)
 def test_stream_sends_new_events_as_they_happen_and_keepalives() -> None:
     log = EventLog(50)
-    log(Hit(**STT, at=T0))  # old: not sent to a client that connects without Last-Event-ID
+    log(Miss(**STT, at=T0))  # old: not sent to a client that connects without Last-Event-ID
     with (
         serving(app_for(log, keepalive=0.3)) as server,
         httpx.Client(base_url=server.url, timeout=5) as client,
@@ -148,13 +148,13 @@ def test_stream_sends_new_events_as_they_happen_and_keepalives() -> None:
         assert hello["comments"] == ["earshot cache events"]
         wait_for(lambda: log.subscribers == 1, "the stream to subscribe")
         publish(
-            server, log, Loaded(**STT, at=T0 + 1, duration_s=0.5, footprint_bytes=10), Hit(**STT, at=T0 + 2)
+            server, log, Loaded(**STT, at=T0 + 1, duration_s=0.5, footprint_bytes=10), Miss(**STT, at=T0 + 2)
         )
         loaded, hit = read_events(lines, 2)
         assert loaded["id"] == "2"
         assert json.loads(loaded["data"])["event"] == "model_loaded"
         assert json.loads(loaded["data"])["duration_s"] == 0.5
-        assert (hit["id"], json.loads(hit["data"])["event"]) == ("3", "cache_hit")
+        assert (hit["id"], json.loads(hit["data"])["event"]) == ("3", "cache_miss")
         [keepalive] = read_events(lines, 1)  # nothing happens for 0.3 s
         assert keepalive["comments"] == ["keepalive"]
         assert "data" not in keepalive
@@ -166,7 +166,7 @@ def test_stream_sends_new_events_as_they_happen_and_keepalives() -> None:
 def test_reconnect_with_last_event_id_replays_what_was_missed() -> None:
     log = EventLog(50)
     for i in range(5):
-        log(Hit(**STT, at=T0 + i))
+        log(Miss(**STT, at=T0 + i))
     with (
         serving(app_for(log)) as server,
         httpx.Client(base_url=server.url, timeout=5) as client,
@@ -178,7 +178,7 @@ def test_reconnect_with_last_event_id_replays_what_was_missed() -> None:
         _hello, four, five = read_events(lines, 3)
         assert [four["id"], five["id"]] == ["4", "5"]
         wait_for(lambda: log.subscribers == 1, "the stream to subscribe")
-        publish(server, log, Hit(**STT, at=T0 + 9))
+        publish(server, log, Miss(**STT, at=T0 + 9))
         [six] = read_events(lines, 1)
         assert six["id"] == "6"
 
@@ -196,13 +196,13 @@ def test_a_client_that_does_not_read_never_blocks_publishing() -> None:
         wait_for(lambda: log.subscribers == 1, "the stream to subscribe")
         # the client reads nothing more: 5,000 events are published without waiting for it
         started = time.perf_counter()
-        publish(server, log, *[Hit(**STT, at=T0 + i) for i in range(5000)])
+        publish(server, log, *[Miss(**STT, at=T0 + i) for i in range(5000)])
         assert time.perf_counter() - started < 2.0
         assert log.last_id == 5000
         # when it reads again: what fitted in its queue, then where the rest was dropped
         queued = read_events(lines, 256)
         assert [m["id"] for m in queued] == [str(i) for i in range(1, 257)]
-        publish(server, log, Hit(**STT, at=T0 + 5001))
+        publish(server, log, Miss(**STT, at=T0 + 5001))
         gap, newest = read_events(lines, 2)
         assert json.loads(gap["data"]) == {"event": "events_dropped", "dropped": 5000 - 256}
         assert "id" not in gap

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+import anyio
+import anyio.to_thread
 import pytest
 from litestar import Litestar, get
 from litestar.connection import Request
@@ -33,9 +35,18 @@ def boom() -> None:
     raise RuntimeError("bug")
 
 
+async def _in_worker(fn: Any, arg: Any) -> bytes:
+    return cast(bytes, await anyio.to_thread.run_sync(fn, arg))
+
+
+def serving(registry: CollectorRegistry, take: Any = lambda: None) -> Any:
+    """GET /metrics serving `registry` as main.py wires it: `take` on the loop, the rest in a worker."""
+    return metrics_handler(take, lambda _: generate_latest(registry), _in_worker)
+
+
 def app_with(registry: CollectorRegistry) -> Litestar:
     return Litestar(
-        [model, boom, metrics_handler(registry)],
+        [model, boom, serving(registry)],
         middleware=[http_metrics_config(registry).middleware],
         debug=False,
     )
@@ -165,40 +176,36 @@ def test_metrics_endpoint_content_type(accept: str | None) -> None:
     assert response.headers["cache-control"] == "no-store"
 
 
-def test_metrics_collects_on_the_loop_and_formats_in_a_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The collectors run on the event loop thread (the cache-state collector may only read the cache
-    there); prometheus_client's formatting, most of a scrape's cost, runs in a worker thread. The body
-    is what generate_latest makes of the same registry."""
+def test_metrics_takes_only_the_snapshot_on_the_loop() -> None:
+    """The cache's snapshot is taken on the event loop thread (the cache's table may only be read
+    there); every collector and prometheus_client's formatting, most of a scrape's cost, run in a
+    worker thread. The body is what generate_latest makes of the same registry."""
     import threading
 
     from prometheus_client.core import GaugeMetricFamily
 
-    import earshot.api.metrics as metrics_module
-
     threads: dict[str, int] = {}
 
-    class LoopProbe:
+    class Probe:
         def collect(self) -> list[GaugeMetricFamily]:
             threads["collect"] = threading.get_ident()
             return [GaugeMetricFamily("earshot_probe", "a probe", value=7)]
 
-    def formatting(collected: Any) -> bytes:
-        threads["format"] = threading.get_ident()
-        return generate_latest(collected)
+    def take() -> None:
+        threads["take"] = threading.get_ident()
 
     @get("/loop-thread", sync_to_thread=False)
     def loop_thread() -> int:
         return threading.get_ident()
 
     registry = CollectorRegistry()
-    registry.register(LoopProbe())
-    monkeypatch.setattr(metrics_module, "generate_latest", formatting)
-    app = Litestar([loop_thread, metrics_handler(registry)], debug=False)
+    registry.register(Probe())
+    app = Litestar([loop_thread, serving(registry, take)], debug=False)
     with TestClient(app) as client:
         loop_ident = client.get("/loop-thread").json()
         body = client.get("/metrics").text
     seen = dict(threads)
     assert "earshot_probe 7.0" in body
     assert body == generate_latest(registry).decode()
-    assert seen["collect"] == loop_ident
-    assert seen["format"] != loop_ident
+    assert seen["take"] == loop_ident
+    assert seen["collect"] != loop_ident

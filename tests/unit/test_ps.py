@@ -230,7 +230,9 @@ def test_watch_ends_cleanly_on_ctrl_c() -> None:
     assert "cache_hit           m (speech)" in out
 
 
-def test_watch_against_the_real_events_endpoint() -> None:
+@pytest.mark.parametrize("hits", [False, True])
+def test_watch_against_the_real_events_endpoint(hits: bool) -> None:
+    """Cache hits are shown only with --hits (one line per request otherwise floods the watch)."""
     log = EventLog(100)
 
     @get("/api/ps", sync_to_thread=False)
@@ -241,7 +243,7 @@ def test_watch_against_the_real_events_endpoint() -> None:
         out, err = io.StringIO(), io.StringIO()
         result: list[int] = []
         thread = threading.Thread(
-            target=lambda: result.append(run_ps(server.url, None, True, out=out, err=err))
+            target=lambda: result.append(run_ps(server.url, None, True, out=out, err=err, hits=hits))
         )
         thread.start()
         wait_for(lambda: log.subscribers == 1, "earshot ps to subscribe")
@@ -261,7 +263,8 @@ def test_watch_against_the_real_events_endpoint() -> None:
                 released_bytes=MIB,
             ),
         )
-        wait_for(lambda: out.getvalue().count("\n") >= 5 + 3, "three event lines")
+        expected = ["cache_hit"] * hits + ["model_loaded", "model_evicted"]
+        wait_for(lambda: out.getvalue().count("\n") >= 5 + len(expected), "the event lines")
         started = time.monotonic()
         server.call(log.close)  # shutdown: the stream ends at once, not at uvicorn's grace timeout
         thread.join(10)
@@ -269,8 +272,8 @@ def test_watch_against_the_real_events_endpoint() -> None:
     assert not thread.is_alive()
     lines = out.getvalue().splitlines()
     assert lines[:5] == EXPECTED_TABLE.splitlines()
-    assert [line.split()[1] for line in lines[5:]] == ["cache_hit", "model_loaded", "model_evicted"]
-    assert "reason=manual" in lines[7]
+    assert [line.split()[1] for line in lines[5:]] == expected
+    assert "reason=manual" in lines[-1]
     assert result == [1]  # the server went away
     assert "closed the event stream" in err.getvalue()
 

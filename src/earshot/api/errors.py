@@ -24,14 +24,14 @@ from litestar.status_codes import (
 )
 
 from earshot.audio.errors import AudioDecodeError, AudioTooLong
-from earshot.backends.errors import BackendRequestError
-from earshot.cache.errors import (
+from earshot.inference.errors import (
     CacheBusy,
     CacheClosed,
     CacheError,
     CacheFull,
     ModelLoadError,
     ModelLoadTimeout,
+    RequestError,
     UnknownModel,
 )
 
@@ -142,9 +142,10 @@ def from_exception(exc: Exception) -> APIError:
         return APIError(HTTP_400_BAD_REQUEST, str(exc), param="file", code="audio_too_long")
     if isinstance(exc, AudioDecodeError):
         return APIError(HTTP_400_BAD_REQUEST, str(exc), param="file", code="invalid_audio")
-    if isinstance(exc, BackendRequestError):
-        code = {"model": "unsupported_task", "voice": "invalid_voice", "language": "unsupported_language"}
-        return APIError(HTTP_400_BAD_REQUEST, exc.message, param=exc.param, code=code.get(exc.param or ""))
+    if isinstance(exc, RequestError):
+        codes = {"model": "unsupported_task", "voice": "invalid_voice", "language": "unsupported_language"}
+        code = exc.code or codes.get(exc.param or "")
+        return APIError(HTTP_400_BAD_REQUEST, exc.message, param=exc.param, code=code)
     if isinstance(exc, ValidationException):
         return _validation(exc)
     if _unparsable(exc) and _raised_while_parsing(exc):

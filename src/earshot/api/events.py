@@ -4,6 +4,9 @@ JSON: `{"events": [...]}`, oldest first, each `{"id", "event", "model", "task", 
 (`earshot.observability.events.event_record`); `?limit=N` keeps the newest N, `?after=ID` only
 those newer than ID.
 
+Cache hits are left out of the buffer (steady traffic would push the loads and evictions out of
+it); `?stream=true&hits=true` follows them live.
+
 Stream: one SSE message per event (`id:` = the event id, `data:` = the record as JSON), a comment
 every `keepalive` seconds so proxies keep the connection open, and replay of the buffered events
 newer than `Last-Event-ID` (or `?after=`) on (re)connect. Each client has a bounded queue: a
@@ -36,10 +39,11 @@ def _message(record: Record) -> ServerSentEventMessage:
 
 
 async def event_stream(
-    log: EventLog, *, after: int | None, keepalive: float
+    log: EventLog, *, after: int | None, keepalive: float, hits: bool = False
 ) -> AsyncIterator[ServerSentEventMessage]:
-    """SSE messages: a hello comment, the buffered events newer than `after`, then live events."""
-    with log.subscribe() as sub:
+    """SSE messages: a hello comment, the buffered events newer than `after`, then live events
+    (with `hits`, cache hits too: they are never buffered)."""
+    with log.subscribe(hits=hits) as sub:
         yield ServerSentEventMessage(comment="earshot cache events", retry=RETRY_MS, data=None)
         last = 0
         if after is not None:
@@ -82,6 +86,12 @@ class EventsController(Controller):
         stream: Annotated[
             bool, QueryParameter(description="Follow new events as Server-Sent Events")
         ] = False,
+        hits: Annotated[
+            bool,
+            QueryParameter(
+                description="With stream=true: also each cache hit, live (hits are never buffered)"
+            ),
+        ] = False,
         limit: Annotated[int | None, QueryParameter(ge=1, description="Only the newest N events")] = None,
         after: Annotated[
             int | None, QueryParameter(ge=0, description="Only events with a greater id")
@@ -92,7 +102,7 @@ class EventsController(Controller):
     ) -> Response[dict[str, Any]] | ServerSentEvent:
         if stream:
             since = _last_event_id(last_event_id, after)
-            return ServerSentEvent(event_stream(event_log, after=since, keepalive=sse_keepalive))
+            return ServerSentEvent(event_stream(event_log, after=since, keepalive=sse_keepalive, hits=hits))
         return Response({"events": event_log.recent(limit, after=after)})
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from earshot.backends.whisper import Segment, Transcript
+from earshot.types import Segment, Transcript
 
 
 def _timestamp(seconds: float, sep: str) -> str:

@@ -6,7 +6,6 @@ contain `/` (`Systran/faster-whisper-base`); they are only ever looked up in the
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -14,24 +13,14 @@ from litestar import Controller, Response, delete, get, post
 from litestar.params import Body, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_404_NOT_FOUND
 
-from earshot.api.audio import check_keep_alive
-from earshot.api.errors import ERROR_RESPONSES, APIError, model_not_found
+from earshot.api.errors import ERROR_RESPONSES, APIError
 from earshot.api.services import Services
-from earshot.cache.events import EvictionReason
-from earshot.cache.protocol import ModelSpec
-from earshot.cache.state import ModelState
+from earshot.inference import ModelStatus
+from earshot.observability.events import iso_utc
+from earshot.options import check_keep_alive
+from earshot.types import ModelSpec
 
 OWNER = "earshot"
-
-
-def _iso(ts: float | None) -> str | None:
-    """ISO 8601, or None for no time or one no calendar can show (a far-future expiry)."""
-    if ts is None:
-        return None
-    try:
-        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-    except (OverflowError, OSError, ValueError):
-        return None
 
 
 def _model_id(raw: str) -> str:
@@ -46,14 +35,11 @@ class LoadRequest(msgspec.Struct, kw_only=True):
     pin: bool | None = None
 
 
-def _spec(services: Services, name: str) -> ModelSpec:
-    spec = services.catalog.resolve(name)
-    if spec is None:
-        raise model_not_found(name, services.catalog.close_matches(name))
-    return spec
+def _statuses(services: Services) -> dict[str, ModelStatus]:
+    return {m.id: m for m in services.inference.status()}
 
 
-def model_object(services: Services, spec: ModelSpec, state: ModelState | None) -> dict[str, Any]:
+def model_object(services: Services, spec: ModelSpec, state: ModelStatus | None) -> dict[str, Any]:
     aliases = sorted(a for a, target in services.catalog.aliases.items() if target == spec.id)
     return {
         "id": spec.id,
@@ -67,23 +53,26 @@ def model_object(services: Services, spec: ModelSpec, state: ModelState | None) 
     }
 
 
-def ps_entry(state: ModelState) -> dict[str, Any]:
+def ps_entry(state: ModelStatus) -> dict[str, Any]:
     return {
         "model": state.id,
         "task": state.task,
-        "size_bytes": state.footprint_bytes,
-        "memory": dict(state.footprint),
-        "size_measured": state.footprint_measured,
+        "size_bytes": state.size_bytes,
+        "memory": dict(state.memory),
+        "size_measured": state.size_measured,
         "loaded": state.loaded,
         "loading": state.loading,
-        "loaded_at": _iso(state.loaded_at),
-        "last_used_at": _iso(state.last_used_at),
+        "phase": state.phase,
+        "loaded_at": iso_utc(state.loaded_at),
+        "last_used_at": iso_utc(state.last_used_at),
         "idle_seconds": None if state.idle_seconds is None else round(state.idle_seconds, 3),
-        "expires_at": _iso(state.expires_at),
+        "expires_at": iso_utc(state.expires_at),
         "keep_alive": state.keep_alive,
         "in_use": state.in_use,
         "pinned": state.pinned,
         "waiting": state.waiting,
+        "sessions": state.sessions,
+        **({"worker": state.worker} if state.worker is not None else {}),
     }
 
 
@@ -94,15 +83,15 @@ def _check_load_body(body: LoadRequest | None) -> LoadRequest:
 
 
 async def _load(services: Services, name: str, body: LoadRequest | None) -> ModelSpec:
-    spec = _spec(services, name)
+    spec = services.spec_for(name)
     body = _check_load_body(body)
-    await services.cache.load(spec.id, keep_alive=body.keep_alive, pin=body.pin)
+    await services.inference.load(spec.id, keep_alive=body.keep_alive, pin=body.pin)
     return spec
 
 
 async def _unload(services: Services, name: str) -> Response[dict[str, Any]]:
-    spec = _spec(services, name)
-    result = await services.cache.unload(spec.id, EvictionReason.MANUAL)
+    spec = services.spec_for(name)
+    result = await services.inference.unload(spec.id)
     if result == "not_loaded":
         raise APIError(
             HTTP_404_NOT_FOUND,
@@ -127,15 +116,15 @@ class ModelsController(Controller):
 
     @get("/", responses=ERROR_RESPONSES, summary="List models (OpenAI shape, plus task and loaded)")
     async def list_models(self, services: Services) -> dict[str, Any]:
-        snap = services.cache.snapshot()
-        data = [model_object(services, spec, snap.get(spec.id)) for spec in services.catalog.specs.values()]
+        states = _statuses(services)
+        data = [model_object(services, spec, states.get(spec.id)) for spec in services.catalog.specs.values()]
         data.sort(key=lambda m: m["id"])
         return {"object": "list", "data": data}
 
     @get("/{model_id:path}", responses=ERROR_RESPONSES, summary="Describe a model")
     async def get_model(self, services: Services, model_id: ModelPath) -> dict[str, Any]:
-        spec = _spec(services, _model_id(model_id))
-        return model_object(services, spec, services.cache.snapshot().get(spec.id))
+        spec = services.spec_for(_model_id(model_id))
+        return model_object(services, spec, _statuses(services).get(spec.id))
 
     @post(
         "/{model_id:path}",
@@ -147,7 +136,7 @@ class ModelsController(Controller):
         self, services: Services, model_id: ModelPath, data: OptionalLoad = None
     ) -> dict[str, Any]:
         spec = await _load(services, _model_id(model_id), data)
-        return model_object(services, spec, services.cache.snapshot().get(spec.id))
+        return model_object(services, spec, _statuses(services).get(spec.id))
 
     @delete("/{model_id:path}", status_code=HTTP_200_OK, responses=ERROR_RESPONSES, summary="Unload a model")
     async def unload_model(self, services: Services, model_id: ModelPath) -> Response[dict[str, Any]]:
@@ -160,13 +149,11 @@ class PsController(Controller):
 
     @get("/", responses=ERROR_RESPONSES, summary="Loaded (and loading) models with their cache state")
     async def ps(self, services: Services) -> dict[str, Any]:
-        snap = services.cache.snapshot()
+        inference = services.inference
         return {
-            "models": [ps_entry(m) for m in snap.models],
-            "waiting_requests": snap.waiting_requests,
-            "max_models": snap.config.max_models,
-            "memory_budget_bytes": snap.config.memory_budget_bytes,
-            "idle_timeout": snap.config.idle_timeout,
+            "models": [ps_entry(m) for m in inference.status()],
+            "waiting_requests": inference.waiting_requests(),
+            **inference.describe(),
         }
 
     @post(
@@ -179,7 +166,7 @@ class PsController(Controller):
         self, services: Services, model_id: ModelPath, data: OptionalLoad = None
     ) -> dict[str, Any]:
         spec = await _load(services, _model_id(model_id), data)
-        state = services.cache.snapshot().get(spec.id)
+        state = _statuses(services).get(spec.id)
         return ps_entry(state) if state else {"model": spec.id, "loaded": False}
 
     @delete("/{model_id:path}", status_code=HTTP_200_OK, responses=ERROR_RESPONSES, summary="Unload a model")

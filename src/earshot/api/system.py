@@ -15,12 +15,12 @@ from earshot.api.services import Services
 @get("/health", opt={"public": True}, tags=["system"], summary="Liveness (always 200) and readiness")
 async def health(services: Services) -> dict[str, Any]:
     """200 while the process serves. `ready` turns true once every preload finished (loaded or failed)."""
-    return {"status": "ok", "ready": services.cache.ready, "version": __version__}
+    return {"status": "ok", "ready": services.inference.ready, "version": __version__}
 
 
 @get("/health/ready", opt={"public": True}, tags=["system"], summary="Readiness: 200 once preloads are done")
 async def ready(services: Services) -> Response[dict[str, Any]]:
-    is_ready = services.cache.ready
+    is_ready = services.inference.ready
     return Response(
         {"status": "ready" if is_ready else "starting", "ready": is_ready},
         status_code=HTTP_200_OK if is_ready else HTTP_503_SERVICE_UNAVAILABLE,

@@ -9,22 +9,21 @@ from __future__ import annotations
 from earshot.backends.errors import (
     BackendRequestError,
     InvalidInput,
-    InvalidSpeed,
     ModelUnloaded,
     UnknownVoice,
     UnsupportedLanguage,
     UnsupportedTask,
 )
 from earshot.backends.kokoro import KokoroBackend, KokoroHandle
-from earshot.backends.whisper import Segment, SegmentStream, Transcript, WhisperBackend, WhisperHandle, Word
-from earshot.cache.protocol import Backend, BackendOutOfMemory, Task
+from earshot.backends.whisper import SegmentStream, WhisperBackend, WhisperHandle
+from earshot.cache.protocol import Backend, BackendOutOfMemory
+from earshot.types import Segment, Task, Transcript, Word
 
 __all__ = [
     "Backend",
     "BackendOutOfMemory",
     "BackendRequestError",
     "InvalidInput",
-    "InvalidSpeed",
     "KokoroBackend",
     "KokoroHandle",
     "ModelUnloaded",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from earshot.cache.protocol import ModelSpec
+from earshot.types import ModelSpec
 
 _OOM_MARKERS = (
     "out of memory",

@@ -1,19 +1,16 @@
 """Errors the backends raise for requests a loaded model cannot serve. Each is a ValueError: the request
-is at fault, not the server (API: 400). Out-of-memory is `earshot.cache.protocol.BackendOutOfMemory`."""
+is at fault, not the server (API: 400). Out-of-memory is `earshot.cache.protocol.BackendOutOfMemory`; limits of the
+options themselves (speed, temperature) are checked by `earshot.options`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from earshot.types import RequestError
 
-class BackendRequestError(ValueError):
+
+class BackendRequestError(RequestError):
     """Base of the request errors a backend raises: the API answers 400 with the message."""
-
-    param: str | None = None
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 class UnsupportedTask(BackendRequestError):
@@ -37,12 +34,6 @@ class UnknownVoice(BackendRequestError):
         self.voice = voice
         self.available = sorted(available)
         super().__init__(f"unknown voice {voice!r}; available voices: {', '.join(self.available)}")
-
-
-class InvalidSpeed(BackendRequestError):
-    """Speed outside 0.25-4.0."""
-
-    param = "speed"
 
 
 class InvalidInput(BackendRequestError):

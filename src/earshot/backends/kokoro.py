@@ -6,7 +6,6 @@ once (onnxruntime sessions are thread-safe; kokoro-onnx serializes only espeak p
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 from collections.abc import Iterator
@@ -20,13 +19,14 @@ import numpy.typing as npt
 from earshot.backends._common import is_out_of_memory, spec_footprint
 from earshot.backends.errors import (
     InvalidInput,
-    InvalidSpeed,
     ModelUnloaded,
     UnknownVoice,
     UnsupportedLanguage,
 )
-from earshot.cache.protocol import BackendOutOfMemory, ModelSpec
-from earshot.models.hub import local_path
+from earshot.cache.protocol import BackendOutOfMemory
+from earshot.models.hub import ModelFetchError, local_path
+from earshot.options import MAX_SPEED, MIN_SPEED, SpeechOptions
+from earshot.types import ModelSpec
 
 __all__ = [
     "MAX_SPEED",
@@ -39,8 +39,6 @@ __all__ = [
 ]
 
 SAMPLE_RATE = 24000
-MIN_SPEED = 0.25
-MAX_SPEED = 4.0
 # kokoro-onnx accepts 0.5-2.0; beyond, the rest of the factor is applied with FFmpeg's atempo
 # (a pitch-preserving time stretch).
 _MODEL_MIN_SPEED = 0.5
@@ -65,6 +63,7 @@ OPENAI_VOICES: dict[str, str] = {
 
 _DEFAULT_MAX_CHARS = 250
 SENTENCE_PAUSE_S = 0.25  # kokoro-onnx's default sentence_pause
+DEFAULT_VOICE = "alloy"  # OpenAI requires a voice; without one, the model's voice for "alloy"
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+|(?<=[。！？])\s*|\n\s*\n|\n(?=\s*[-*•\d])")
 _CLAUSE_END = re.compile(r"(?<=[,;:、，；：—–])\s*")
 _ABBREVIATIONS = frozenset(
@@ -229,20 +228,17 @@ class KokoroHandle:
             raise UnknownVoice(name, [])
         return self.voices[list(OPENAI_VOICES).index(key) % len(self.voices)]
 
-    def split_sentences(self, text: str, max_chars: int = _DEFAULT_MAX_CHARS) -> list[str]:
-        """See `split_sentences`."""
-        return split_sentences(text, max_chars)
-
-    def synthesize(
-        self, text: str, voice: str, speed: float = 1.0, lang: str | None = None
-    ) -> npt.NDArray[np.float32]:
-        """Speak `text` with `voice` (a model voice or an OpenAI name) at `speed` (0.25-4.0) in `lang`
-        (an espeak language such as "en-us"; default: the model's). Returns float32 mono at 24 kHz."""
-        if not isinstance(speed, int | float) or math.isnan(speed) or not MIN_SPEED <= speed <= MAX_SPEED:
-            raise InvalidSpeed(f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {speed}")
+    def synthesize(self, text: str, options: SpeechOptions | None = None) -> npt.NDArray[np.float32]:
+        """Speak `text` with `options.voice` (a model voice or an OpenAI name; default "alloy") at
+        `options.speed` in `options.lang` (an espeak language such as "en-us"; default: the
+        model's). Returns float32 mono at 24 kHz."""
+        options = options or SpeechOptions()
         if not text or not _WORDISH.search(text):
             raise InvalidInput("the input text has nothing to say")
-        resolved = self.resolve_voice(voice)
+        return self._synthesize(text, self.resolve_voice(options.voice or DEFAULT_VOICE), options)
+
+    def _synthesize(self, text: str, resolved: str, options: SpeechOptions) -> npt.NDArray[np.float32]:
+        speed, lang = options.speed, options.lang
         style = self._styles[resolved]
         lang = (lang or self.lang).strip().lower()
         model_speed = min(max(float(speed), _MODEL_MIN_SPEED), _MODEL_MAX_SPEED)
@@ -271,20 +267,19 @@ class KokoroHandle:
         return audio
 
     def iter_synthesize(
-        self, text: str, voice: str, speed: float = 1.0, lang: str | None = None
+        self, text: str, options: SpeechOptions | None = None
     ) -> Iterator[npt.NDArray[np.float32]]:
         """The speech of `text`, sentence by sentence, each piece synthesized when pulled: a generator,
-        so nothing runs until the first `next()`, where bad options (`InvalidSpeed`, `UnknownVoice`,
-        `InvalidInput`) surface before any audio."""
-        if not isinstance(speed, int | float) or math.isnan(speed) or not MIN_SPEED <= speed <= MAX_SPEED:
-            raise InvalidSpeed(f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {speed}")
-        resolved = self.resolve_voice(voice)
-        pieces = self.split_sentences(text)
+        so nothing runs until the first `next()`, where bad options (`UnknownVoice`, `InvalidInput`)
+        surface before any audio."""
+        options = options or SpeechOptions()
+        resolved = self.resolve_voice(options.voice or DEFAULT_VOICE)
+        pieces = split_sentences(text)
         if not pieces:
             raise InvalidInput("the input text has nothing to say")
-        pause = np.zeros(int(SENTENCE_PAUSE_S * self.sample_rate / speed), dtype=np.float32)
+        pause = np.zeros(int(SENTENCE_PAUSE_S * self.sample_rate / options.speed), dtype=np.float32)
         for i, piece in enumerate(pieces):
-            audio = self.synthesize(piece, resolved, speed, lang)
+            audio = self._synthesize(piece, resolved, options)
             # the pause Kokoro.create puts between the sentences of one text, so a stream sounds
             # like the same text synthesized whole
             yield np.concatenate([pause, audio]) if i else audio
@@ -388,3 +383,14 @@ class KokoroBackend:
 
     def footprint(self, spec: ModelSpec) -> int:
         return spec_footprint(spec)
+
+    def voices(self, spec: ModelSpec) -> list[str]:
+        """The model's voices, read from its voices file (the names in the npz archive): no load.
+        [] while the model's files are not on this machine (a Hub model not downloaded yet)."""
+        try:
+            path = Path(local_path(spec, download=False))
+            _, voices_path = _find_files(path, spec.options)
+        except (ModelFetchError, OSError, ValueError):
+            return []
+        with np.load(voices_path) as npz:
+            return sorted(npz.files)

@@ -8,13 +8,11 @@ several requests at once (CTranslate2 queues them over `num_workers` workers).
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -26,8 +24,10 @@ from earshot.backends.errors import (
     UnsupportedLanguage,
     UnsupportedTask,
 )
-from earshot.cache.protocol import BackendOutOfMemory, ModelSpec
+from earshot.cache.protocol import BackendOutOfMemory
 from earshot.models.hub import local_path
+from earshot.options import TRANSCRIPTION_SAMPLE_RATE, TranscribeOptions
+from earshot.types import ModelSpec, Segment, Transcript, Word
 
 __all__ = [
     "SAMPLE_RATE",
@@ -41,9 +41,7 @@ __all__ = [
 ]
 
 #: Whisper takes 16 kHz mono float32 audio.
-SAMPLE_RATE = 16000
-
-WhisperTask = Literal["transcribe", "translate"]
+SAMPLE_RATE = TRANSCRIPTION_SAMPLE_RATE
 
 # OpenAI: "If set to 0, the model will use log probability to automatically increase the temperature
 # until certain thresholds are hit" - faster-whisper's fallback schedule.
@@ -51,38 +49,6 @@ _FALLBACK_TEMPERATURES: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 # How long `unload` keeps asking CTranslate2 to free the weights while it reports a batch in flight.
 _UNLOAD_RETRY_S = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class Word:
-    start: float
-    end: float
-    word: str
-    probability: float
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    id: int
-    start: float
-    end: float
-    text: str
-    tokens: list[int]
-    temperature: float
-    avg_logprob: float
-    compression_ratio: float
-    no_speech_prob: float
-    words: list[Word] | None
-    seek: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Transcript:
-    text: str  # the segments' text joined, stripped
-    language: str  # ISO-639-1 code (detected, or the one requested); "en" for English-only models
-    duration: float  # seconds of input audio
-    segments: list[Segment]
-    language_probability: float = 1.0
 
 
 def resolve_device(device: str) -> str:
@@ -179,73 +145,51 @@ class WhisperHandle:
             model, self._model = self._model, None
         return model
 
-    def _check(
-        self,
-        audio: npt.ArrayLike,
-        task: str,
-        language: str | None,
-        temperature: float | None,
-        beam_size: int,
-    ) -> tuple[npt.NDArray[np.float32], str | None, tuple[float, ...]]:
-        if task not in ("transcribe", "translate"):
-            raise UnsupportedTask(f"unknown task {task!r}; expected 'transcribe' or 'translate'")
-        if task == "translate" and not self.multilingual:
+    def _check(self, audio: npt.ArrayLike, options: TranscribeOptions) -> npt.NDArray[np.float32]:
+        """What only the loaded model can tell: can it translate, does it know the language? The
+        option values themselves were checked by TranscribeOptions."""
+        if options.task == "translate" and not self.multilingual:
             raise UnsupportedTask(
-                f"model {self.model_id!r} is English-only and cannot translate; use a multilingual model"
+                f"The model {self.model_id!r} is English-only and cannot translate; use a multilingual model "
+                "such as faster-whisper-base."
             )
-        if language is not None:
-            language = language.strip().lower() or None
+        language = options.language
         if language is not None and language not in self.supported_languages:
+            shown = language[:20]
             if not self.multilingual:
                 raise UnsupportedLanguage(
-                    f"model {self.model_id!r} is English-only; language {language!r} is not supported"
+                    f"model {self.model_id!r} is English-only; language {shown!r} is not supported"
                 )
-            raise UnsupportedLanguage(
-                f"unknown language {language!r}; expected an ISO-639-1 code such as 'en'"
-            )
-        if temperature is None or temperature == 0:
-            temperatures = _FALLBACK_TEMPERATURES
-        elif not (0.0 <= temperature <= 1.0) or math.isnan(temperature):
-            raise InvalidInput(f"temperature must be between 0 and 1, got {temperature}")
-        else:
-            temperatures = (float(temperature),)
-        if beam_size < 1:
-            raise InvalidInput("beam_size must be at least 1")
+            raise UnsupportedLanguage(f"unknown language {shown!r}; expected an ISO-639-1 code such as 'en'")
         samples = np.asarray(audio, dtype=np.float32)
         if samples.ndim != 1:
             raise InvalidInput(f"expected mono audio (a 1-D array), got shape {samples.shape}")
         if samples.size == 0:
             raise InvalidInput("the audio is empty")
-        return np.ascontiguousarray(samples), language, temperatures
+        return np.ascontiguousarray(samples)
 
     def stream(
-        self,
-        audio: npt.ArrayLike,
-        *,
-        task: WhisperTask = "transcribe",
-        language: str | None = None,
-        prompt: str | None = None,
-        temperature: float | None = None,
-        word_timestamps: bool = False,
-        vad_filter: bool = False,
-        hotwords: str | None = None,
-        beam_size: int = 5,
+        self, audio: npt.ArrayLike, options: TranscribeOptions | None = None, *, beam_size: int = 5
     ) -> SegmentStream:
         """Start a transcription (feature extraction and language detection run now) and return the
         segments as an iterator that decodes each one when pulled. Blocking."""
-        samples, language, temperatures = self._check(audio, task, language, temperature, beam_size)
+        options = options or TranscribeOptions()
+        if beam_size < 1:
+            raise InvalidInput("beam_size must be at least 1")
+        samples = self._check(audio, options)
+        temperatures = _FALLBACK_TEMPERATURES if options.temperature == 0 else (float(options.temperature),)
         model = self.model
         try:
             generator, info = model.transcribe(
                 samples,
-                language=language,
-                task=task,
+                language=options.language,
+                task=options.task,
                 beam_size=beam_size,
                 temperature=list(temperatures),
-                initial_prompt=prompt or None,
-                word_timestamps=word_timestamps,
-                vad_filter=vad_filter,
-                hotwords=hotwords or None,
+                initial_prompt=options.prompt,
+                word_timestamps=options.word_timestamps,
+                vad_filter=options.vad_filter,
+                hotwords=options.hotwords,
             )
         except Exception as exc:
             if is_out_of_memory(exc):
@@ -253,64 +197,11 @@ class WhisperHandle:
             raise
         return SegmentStream(iter(generator), info, self.model_id)
 
-    def iter_segments(
-        self,
-        audio: npt.ArrayLike,
-        *,
-        task: WhisperTask = "transcribe",
-        language: str | None = None,
-        prompt: str | None = None,
-        temperature: float | None = None,
-        word_timestamps: bool = False,
-        vad_filter: bool = False,
-        hotwords: str | None = None,
-        beam_size: int = 5,
-    ) -> Iterator[Segment]:
-        """The segments one by one, each decoded when pulled: a generator, so nothing runs (not even
-        the option checks) until the first `next()`, which does the feature extraction and language
-        detection; pull it from a worker thread. Errors (`UnsupportedTask`...) surface at that first
-        `next()`. Closing the generator stops decoding."""
-        stream = self.stream(
-            audio,
-            task=task,
-            language=language,
-            prompt=prompt,
-            temperature=temperature,
-            word_timestamps=word_timestamps,
-            vad_filter=vad_filter,
-            hotwords=hotwords,
-            beam_size=beam_size,
-        )
-        try:
-            yield from stream
-        finally:
-            stream.close()
-
     def transcribe(
-        self,
-        audio: npt.ArrayLike,
-        *,
-        task: WhisperTask = "transcribe",
-        language: str | None = None,
-        prompt: str | None = None,
-        temperature: float | None = None,
-        word_timestamps: bool = False,
-        vad_filter: bool = False,
-        hotwords: str | None = None,
-        beam_size: int = 5,
+        self, audio: npt.ArrayLike, options: TranscribeOptions | None = None, *, beam_size: int = 5
     ) -> Transcript:
         """Transcribe (or translate into English) the whole input. Blocking."""
-        stream = self.stream(
-            audio,
-            task=task,
-            language=language,
-            prompt=prompt,
-            temperature=temperature,
-            word_timestamps=word_timestamps,
-            vad_filter=vad_filter,
-            hotwords=hotwords,
-            beam_size=beam_size,
-        )
+        stream = self.stream(audio, options, beam_size=beam_size)
         try:
             segments = list(stream)
         finally:

@@ -10,11 +10,12 @@ may have changed after it, so each one re-checks (see the comments at the await 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import MappingProxyType
 from typing import Any
@@ -229,6 +230,17 @@ class ModelCache:
     def ready(self) -> bool:
         """True once every preload finished (loaded or failed); True at once if there were none."""
         return self._preloading == 0
+
+    @contextlib.contextmanager
+    def waiting(self, model_id: str) -> Iterator[None]:
+        """Count a request that waits outside the cache (for an inference slot of `model_id`) as a
+        waiting request: CacheBusy at once past `max_waiting`, else counted until the block exits."""
+        self._check_busy(model_id)
+        self._waiting += 1
+        try:
+            yield
+        finally:
+            self._waiting -= 1
 
     def subscribe(self, observer: Observer) -> None:
         """Add an observer; it receives every event published from now on."""

@@ -9,40 +9,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from earshot.types import ModelSpec, Task
 
-class Task(StrEnum):
-    """What a model does. The values are the `task` label of every metric."""
-
-    TRANSCRIPTION = "transcription"
-    SPEECH = "speech"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model of the catalog: everything needed to load it, nothing loaded yet.
-
-    `id` is the canonical catalog id (aliases are resolved before the cache sees a request), so it
-    is safe as a metric label. `path` is a local directory (already checked to stay inside
-    `models_dir`, or given explicitly by the operator); `repo_id` a Hugging Face repo to fetch
-    when `path` is None. `size_bytes` is the footprint estimate from file sizes, used for the
-    memory budget until the first load has measured the real one.
-    """
-
-    id: str
-    task: Task
-    source: str  # "local" | "config" | "hf"
-    path: Path | None = None
-    repo_id: str | None = None
-    revision: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
-    pin: bool = False
-    idle_timeout: float | None = None  # per-model override of model_idle_timeout (-1, 0, N seconds)
-    size_bytes: int = 0
+__all__ = [
+    "Backend",
+    "BackendOutOfMemory",
+    "Clock",
+    "MemoryProbe",
+    "ModelSpec",
+    "SystemClock",
+    "Task",
+    "rss_probe",
+]
 
 
 @runtime_checkable

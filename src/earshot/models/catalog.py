@@ -22,8 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from earshot.cache.protocol import ModelSpec, Task
 from earshot.models.hub import KNOWN_HUB_MODELS, cached_repo_sizes
+from earshot.types import ModelSpec, Task
 
 log = logging.getLogger("earshot.models")
 

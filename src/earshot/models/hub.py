@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from earshot.cache.protocol import ModelSpec, Task
+from earshot.types import ModelSpec, Task
 
 # Well-known repos listed in the catalog when `builtin_hub_models` is on (the default), so the ids
 # clients know from Speaches work unchanged. Fetched on first use into the standard HF cache.
@@ -36,8 +36,9 @@ class ModelFetchError(Exception):
     """The model's files could not be fetched (offline, hub unreachable, no such repo)."""
 
 
-def local_path(spec: ModelSpec) -> Path:
-    """The local directory holding the model's files, downloading them first for a hub model.
+def local_path(spec: ModelSpec, *, download: bool = True) -> Path:
+    """The local directory holding the model's files, downloading them first for a hub model
+    (with `download=False`, only what the HF cache holds already: ModelFetchError otherwise).
 
     Runs in the cache's worker thread (the download is part of the load and counts toward
     `model_load_timeout`)."""
@@ -49,7 +50,9 @@ def local_path(spec: ModelSpec) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id=spec.repo_id, revision=spec.revision))
+        return Path(
+            snapshot_download(repo_id=spec.repo_id, revision=spec.revision, local_files_only=not download)
+        )
     except LocalEntryNotFoundError as exc:
         raise ModelFetchError(
             f"model {spec.id!r}: {spec.repo_id} is not in the Hugging Face cache and the hub cannot be "

@@ -1,9 +1,10 @@
 """Metrics, logs, traces and live events: observers of the cache and of inference.
 
-`Observability.create(settings)` builds every part; the app factory then hands `observers` and
-`memory_probe` to the ModelCache, calls `bind(cache, catalog)`, passes `record_inference` to the
-API, and mounts `plugins`, `middleware` and `route_handlers`; `start()` / `stop()` run in the app
-lifespan. The parts, one module each:
+`Observability.create(settings)` builds every part; the app factory (main.py) then hands
+`observers` and `memory_probe` to the ModelCache, calls `bind(cache, catalog)`, passes `tracer` and
+`record_inference` to the inference service, mounts `plugins` and `middleware`, and serves
+`registry` and `events` with the API's /metrics and /api/events routes; `start()` / `stop()` run in
+the app lifespan. The parts, one module each:
 
 - metrics.py     counters and histograms from cache events and inferences (`CacheMetrics`)
 - collector.py   gauges read from `cache.snapshot()` at scrape time (`CacheStateCollector`)
@@ -16,24 +17,20 @@ lifespan. The parts, one module each:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import getLogger  # not `import logging`: the submodule .logging takes that name here
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any
 
-from litestar.handlers import HTTPRouteHandler
-from litestar.router import Router
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import Tracer
-from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from earshot.cache.events import Observer
-from earshot.cache.lease import Lease
 from earshot.cache.protocol import rss_probe
 from earshot.observability.collector import CacheStateCollector, SnapshotSource
 from earshot.observability.events import EventLog
@@ -43,7 +40,6 @@ from earshot.observability.metrics import CacheMetrics
 from earshot.observability.nvml import DisabledSampler, GpuCollector, NvmlSampler
 from earshot.observability.tracing import (
     TRACER_NAME,
-    Acquirable,
     LoadSpanObserver,
     RouteSpanMiddleware,
     build_tracer_provider,
@@ -88,7 +84,6 @@ class Observability:
     observers: list[Observer] = field(default_factory=list)
     plugins: list[Any] = field(default_factory=list)
     middleware: list[Any] = field(default_factory=list)
-    route_handlers: list[HTTPRouteHandler | Router] = field(default_factory=list)
     cache: SnapshotSource | None = None
     catalog: Catalog | None = None
     _started: bool = False
@@ -104,7 +99,6 @@ class Observability:
         span_processor: SpanProcessor | None = None,
         set_global_tracer_provider: bool = True,
         log_stream: IO[str] | None = None,
-        sse_keepalive: float | None = None,
     ) -> Observability:
         """Build metrics, logging, tracing, GPU sampling and the event log for `settings`.
 
@@ -117,9 +111,6 @@ class Observability:
             users) when no other was installed in this process.
         log_stream: where log lines go (default: standard output).
         """
-        from earshot.api.events import KEEPALIVE_SECONDS, events_router
-        from earshot.api.metrics import metrics_handler
-
         # In the text format every counter's and histogram's `_created` sample becomes a series of
         # its own (earshot_cache_requests_created, ...): more series and slower scrapes for a value
         # no dashboard or alert reads. prometheus_client only offers a process-wide switch.
@@ -158,12 +149,6 @@ class Observability:
             plugins=[logging_plugin(settings, stream=log_stream), tracing_plugin(provider)],
             # Outermost first: HTTP metrics time the whole routed request.
             middleware=[http.middleware, RequestContextMiddleware(), RouteSpanMiddleware()],
-            route_handlers=[
-                metrics_handler(registry),
-                events_router(
-                    events, keepalive=sse_keepalive if sse_keepalive is not None else KEEPALIVE_SECONDS
-                ),
-            ],
         )
 
     # ------------------------------------------------------------------ wiring
@@ -186,19 +171,6 @@ class Observability:
 
     def record_inference(self, *, model: str, task: str, duration_s: float, audio_s: float) -> None:
         self.metrics.record_inference(model=model, task=task, duration_s=duration_s, audio_s=audio_s)
-
-    @asynccontextmanager
-    async def traced_acquire(self, model_id: str, keep_alive: float | None = None) -> AsyncIterator[Lease]:
-        """`cache.acquire` of the bound cache in a "cache.acquire" span of this provider."""
-        if self.cache is None:
-            raise RuntimeError("Observability.bind() has not been called")
-        cache = cast(Acquirable, self.cache)  # bound to the ModelCache in the app
-        async with traced_acquire(cache, model_id, keep_alive, tracer=self.tracer) as lease:
-            yield lease
-
-    def scrape(self) -> bytes:
-        """The /metrics exposition (call on the event loop thread, like the handler)."""
-        return generate_latest(self.registry)
 
     # ------------------------------------------------------------------ lifecycle
 

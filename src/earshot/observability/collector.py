@@ -1,8 +1,10 @@
 """The cache's current state as Prometheus gauges, read from `cache.snapshot()` at scrape time.
 
 Nothing here keeps a copy of the cache's state: every scrape takes one snapshot (a pure read on
-the event loop, no awaits) and turns it into gauges. The `/metrics` handler therefore runs on the
-event loop thread, which is also the only thread allowed to read the cache's table.
+the event loop, no awaits: the only thread allowed to read the cache's table) and turns it into
+gauges. `render(registry, snapshot)` runs the whole scrape (this collector on that snapshot, every
+other collector, the text formatting) in a worker thread, so a scrape holds the event loop only
+for the snapshot.
 
 Which series exist:
 - `earshot_model_loaded{model,task}`: one series per *catalog* model, always: 1 while loaded, 0
@@ -28,8 +30,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from typing import Protocol
 
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -41,6 +45,19 @@ INF = math.inf
 
 class SnapshotSource(Protocol):
     def snapshot(self) -> CacheSnapshot: ...
+
+
+# The snapshot a scrape took on the event loop, for the collector running in the worker thread.
+_SCRAPE_SNAPSHOT: ContextVar[CacheSnapshot | None] = ContextVar("earshot_scrape_snapshot", default=None)
+
+
+def render(registry: CollectorRegistry, snapshot: CacheSnapshot) -> bytes:
+    """The exposition of `registry`, with the cache's gauges read from `snapshot` (any thread)."""
+    token = _SCRAPE_SNAPSHOT.set(snapshot)
+    try:
+        return generate_latest(registry)
+    finally:
+        _SCRAPE_SNAPSHOT.reset(token)
 
 
 def _limit(value: float | None) -> float:
@@ -65,7 +82,7 @@ class CacheStateCollector(Collector):
         return list(self._families())
 
     def collect(self) -> Iterator[Metric]:
-        snapshot = self._cache.snapshot()
+        snapshot = _SCRAPE_SNAPSHOT.get() or self._cache.snapshot()
         families = self._families()
         (
             loaded,

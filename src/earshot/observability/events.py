@@ -5,12 +5,16 @@
 `id` a sequence number (1, 2, ...) that never repeats within the process. The ring buffer keeps the
 newest `size` records, oldest first. `GET /api/events` serves it; `?stream=true` subscribes.
 
+Cache hits are not buffered: under steady traffic they would push the loads and evictions that
+operators look for out of the ring. They stay countable (`earshot_cache_requests_total`), and a
+subscription made with `hits=True` (`?stream=true&hits=true`, `earshot ps --watch --hits`) receives
+them live.
+
 Subscriptions are bounded queues: a slow client never blocks the cache. When its queue is full,
 new records are dropped for that subscriber and counted; the subscriber then receives one
 `Gap(dropped=n)` marker, in order, before the next record it does get.
 
-The cache publishes on its event loop thread. Should an event arrive from another thread, records
-for subscribers are handed to each subscriber's loop with `call_soon_threadsafe`.
+Events are published on the event loop thread (the cache's observers run there).
 
 `close()` ends every subscription (each gets `END` after what it has queued), so live streams can
 finish when the server shuts down instead of holding the shutdown until they are cancelled.
@@ -22,23 +26,32 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import threading
 from collections import deque
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, overload
 
-from earshot.cache.events import CacheEvent
+from earshot.cache.events import CacheEvent, Hit
 
 Record = dict[str, Any]
 DEFAULT_QUEUE_SIZE = 256
 _BASE_FIELDS = frozenset({"model", "task", "at"})
 
 
-def iso_utc(ts: float) -> str:
-    """Wall-clock seconds as ISO-8601 UTC with milliseconds (the format of /api/ps too)."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+@overload
+def iso_utc(ts: float) -> str: ...
+@overload
+def iso_utc(ts: float | None) -> str | None: ...
+def iso_utc(ts: float | None) -> str | None:
+    """Wall-clock seconds as ISO-8601 UTC with milliseconds (the format of /api/ps too); None for no
+    time or one no calendar can show (a far-future expiry)."""
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _jsonable(value: Any) -> Any:
@@ -83,13 +96,12 @@ Item = Record | Gap | _End
 class Subscription:
     """A live feed of new records; iterate with `await get()`. Close it (or use `with`) when done."""
 
-    def __init__(self, log: EventLog, maxsize: int) -> None:
+    def __init__(self, log: EventLog, maxsize: int, *, hits: bool = False) -> None:
         self._log = log
+        self.hits = hits
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
         self._maxsize = maxsize
         self._dropped = 0
-        self.loop = asyncio.get_running_loop()
-        self.thread_id = threading.get_ident()
         self.closed = False
 
     @property
@@ -142,7 +154,6 @@ class EventLog:
         self._queue_size = queue_size
         self._subscribers: list[Subscription] = []
         self._closed = False
-        self._lock = threading.Lock()  # seq + append, should events ever come from two threads
 
     @property
     def size(self) -> int:
@@ -154,21 +165,17 @@ class EventLog:
         return self._last
 
     def __call__(self, event: CacheEvent) -> None:
-        with self._lock:
-            seq = next(self._seq)
-            record = event_record(event, seq)
+        hit = isinstance(event, Hit)
+        if hit and not any(sub.hits for sub in self._subscribers):
+            return  # nobody follows hits: no record at all (the hit path stays cheap)
+        seq = next(self._seq)
+        record = event_record(event, seq)
+        self._last = seq
+        if not hit:
             self._buffer.append(record)
-            self._last = seq
-        self._each_subscriber(Subscription.offer, record)
-
-    def _each_subscriber(self, method: Any, *args: Any) -> None:
-        """`method(sub, *args)` for every subscriber, on the subscriber's own loop thread."""
-        thread = threading.get_ident()
         for sub in tuple(self._subscribers):
-            if sub.thread_id == thread:
-                method(sub, *args)
-            elif not sub.loop.is_closed():
-                sub.loop.call_soon_threadsafe(method, sub, *args)
+            if sub.hits or not hit:
+                sub.offer(record)
 
     def recent(self, limit: int | None = None, *, after: int | None = None) -> list[Record]:
         """The buffered records, oldest first: the newest `limit`, and only those with id > `after`."""
@@ -179,9 +186,10 @@ class EventLog:
             records = records[-limit:] if limit > 0 else []
         return records
 
-    def subscribe(self, *, queue_size: int | None = None) -> Subscription:
-        """A feed of the records published from now on (call on the event loop that will read it)."""
-        sub = Subscription(self, self._queue_size if queue_size is None else queue_size)
+    def subscribe(self, *, queue_size: int | None = None, hits: bool = False) -> Subscription:
+        """A feed of the records published from now on (call on the event loop that will read it);
+        with `hits`, cache hits too."""
+        sub = Subscription(self, self._queue_size if queue_size is None else queue_size, hits=hits)
         if self._closed:
             sub.finish()
         else:
@@ -191,7 +199,8 @@ class EventLog:
     def close(self) -> None:
         """End every subscription, now and later (the buffer stays readable). Idempotent."""
         self._closed = True
-        self._each_subscriber(Subscription.finish)
+        for sub in tuple(self._subscribers):
+            sub.finish()
 
     def reopen(self) -> None:
         """Accept subscriptions again after `close()` (an app started a second time)."""
