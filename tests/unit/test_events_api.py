@@ -207,3 +207,30 @@ def test_a_client_that_does_not_read_never_blocks_publishing() -> None:
         assert json.loads(gap["data"]) == {"event": "events_dropped", "dropped": 5000 - 256}
         assert "id" not in gap
         assert newest["id"] == "5001"
+
+
+async def test_lifecycle_events_survive_steady_hits() -> None:
+    """3 loads and 2 evictions, then 5,000 hits: the 1,000-record ring still holds all five (and
+    the loads' starts), and no hit; the hits are still counted by the cache's observers."""
+    from earshot.cache.events import EvictionReason, Hit
+    from tests.support.fakes import cache_harness
+
+    harness = cache_harness(("a", "b", "c"), max_models=2)
+    log = EventLog(1000)
+    harness.cache.subscribe(log)
+    for model in ("a", "b", "c"):  # c evicts a (capacity)
+        await harness.cache.load(model)
+    await harness.cache.unload("b", EvictionReason.MANUAL)
+    for _ in range(5000):
+        async with harness.cache.acquire("c"):
+            pass
+    with TestClient(app_for(log)) as client:
+        events = client.get("/api/events").json()["events"]
+    kinds = [e["event"] for e in events]
+    assert [e["model"] for e in events if e["event"] == "model_loaded"] == ["a", "b", "c"]
+    assert [(e["model"], e["reason"]) for e in events if e["event"] == "model_evicted"] == [
+        ("a", "capacity"),
+        ("b", "manual"),
+    ]
+    assert "cache_hit" not in kinds
+    assert len(harness.events.of(Hit)) == 5000

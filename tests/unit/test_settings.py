@@ -199,6 +199,13 @@ def test_secrets_are_redacted(cwd: Path) -> None:
             "invalid setting device='tpu' (from environment variable EARSHOT_DEVICE): "
             "Input should be 'auto', 'cpu' or 'cuda'",
         ),
+        (  # 0 used to mean "no limit" to the cache and "a budget" to the metrics: now it is refused
+            {"EARSHOT_MEMORY_BUDGET_BYTES": "0"},
+            {},
+            None,
+            "invalid setting memory_budget_bytes='0' (from environment variable EARSHOT_MEMORY_BUDGET_BYTES): "
+            "Input should be greater than 0",
+        ),
     ],
 )
 def test_bad_values_name_the_setting_and_source(
