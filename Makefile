@@ -8,8 +8,11 @@ EARSHOT := $(VENV)/bin/earshot
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+LOCK_ARGS ?=
+# The locks are for the Python this project runs on (DESIGN: >= 3.11; CI and the Dockerfile: 3.11).
+UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 --quiet $(LOCK_ARGS)
 
-.PHONY: help venv install install-test demo run test lint system-deps bench soak stack clean
+.PHONY: help venv install install-test demo run test lint lock system-deps bench soak stack clean
 
 help:
 	@echo "make run    - install earshot and the demo models into $(VENV), serve on $(HOST):$(PORT)"
@@ -18,6 +21,7 @@ help:
 	@echo "make bench  - benchmarks (not part of make test), results in bench/results/"
 	@echo "make soak   - long soak under an eviction storm (minutes)"
 	@echo "make stack  - earshot + Prometheus + Alertmanager on loopback, configured from the repo"
+	@echo "make lock   - re-resolve requirements/*.txt from pyproject.toml (LOCK_ARGS=--upgrade: newest)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,18 +29,28 @@ $(PY):
 
 venv: $(PY)
 
-# Stamps: reinstall only when pyproject.toml changes.
-$(VENV)/.installed-run: pyproject.toml | $(PY)
-	$(PIP) install -q -e .
+# Installs come from the locks in requirements/ (exact versions), then earshot itself without
+# resolving anything again. Stamps: reinstall only when a lock or pyproject.toml changes.
+$(VENV)/.installed-run: pyproject.toml requirements/run.txt | $(PY)
+	$(PIP) install -q -r requirements/run.txt
+	$(PIP) install -q --no-deps -e .
 	@touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[test,lint]'
+$(VENV)/.installed-test: pyproject.toml requirements/test.txt | $(PY)
+	$(PIP) install -q -r requirements/test.txt
+	$(PIP) install -q --no-deps -e .
 	@touch $@ $(VENV)/.installed-run
 
-$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed-test
-	$(PIP) install -q -e '.[test,lint,bench]'
+$(VENV)/.installed-bench: pyproject.toml requirements/bench.txt $(VENV)/.installed-test
+	$(PIP) install -q -r requirements/bench.txt
+	$(PIP) install -q --no-deps -e .
 	@touch $@
+
+lock: | $(PY)
+	$(PIP) install -q uv
+	$(UV_COMPILE) -o requirements/run.txt
+	$(UV_COMPILE) --extra test --extra lint -o requirements/test.txt
+	$(UV_COMPILE) --extra test --extra lint --extra bench -o requirements/bench.txt
 
 install: $(VENV)/.installed-run
 install-test: $(VENV)/.installed-test

@@ -14,6 +14,7 @@ from bench.common import BenchResult, Context, Row, log, summary
 NAME = "metrics"
 TITLE = "/metrics scrape, 50 catalog models, 10 loaded"
 TARGET_P99_MS = 10.0
+TARGET_LOOP_MS = 1.0
 CATALOG = 50
 LOADED = 10
 SPEECH_MODELS = 10  # of the 50, the rest are transcription models
@@ -30,9 +31,9 @@ exists, as on a server that has used its whole catalog, {LOADED} still loaded. L
 (no per-request log line).
 generate_latest: wall time of `prometheus_client.generate_latest(registry)` (collect + format: the
 whole cost of a scrape).
-collect on the loop: wall time of `list(registry.collect())`, the part the /metrics handler runs on
-the event loop thread (it formats the collected families in a worker thread): how long a scrape
-stalls other requests. Not a target, shown next to it.
+on the event loop: wall time of `cache.snapshot()`, the only part of a scrape the /metrics handler
+runs on the event loop thread (every collector and the formatting run in a worker thread): how
+long a scrape stalls other requests. Target: p99 < {TARGET_LOOP_MS:g} ms.
 GET /metrics: wall time of one request through Litestar's ASGI stack (routing, middleware, the
 handler) with litestar.testing.AsyncTestClient: no socket, but includes the in-process httpx client.
 The two are interleaved; median and p99. Target: p99 < {TARGET_P99_MS:g} ms for both."""
@@ -55,8 +56,10 @@ def _models_dir(root: Path) -> list[str]:
     return ids
 
 
-async def _timings(registry: Any, client: Any, n: int) -> tuple[list[float], list[float], list[float], bytes]:
-    """n interleaved timings of generate_latest, GET /metrics and the collect step alone."""
+async def _timings(
+    registry: Any, cache: Any, client: Any, n: int
+) -> tuple[list[float], list[float], list[float], bytes]:
+    """n interleaved timings of generate_latest, GET /metrics and the event-loop step alone."""
     from prometheus_client import generate_latest
 
     for _ in range(50):  # warm-up
@@ -74,7 +77,7 @@ async def _timings(registry: Any, client: Any, n: int) -> tuple[list[float], lis
                 generate_latest(registry)
                 gen.append(clock() - start)
             elif which == "loop":
-                list(registry.collect())
+                cache.snapshot()
                 loop.append(clock() - start)
             else:
                 await client.get("/metrics")
@@ -84,14 +87,15 @@ async def _timings(registry: Any, client: Any, n: int) -> tuple[list[float], lis
     return gen, http, loop, r.content
 
 
-async def _history(services: Any, model_id: str) -> None:
+async def _history(app: Any, model_id: str) -> None:
     """One model's life so far: a load, a few hits, an inference recorded."""
-    await services.cache.load(model_id)
+    cache = app.state["cache"]
+    await cache.load(model_id)
     for _ in range(3):
-        async with services.cache.acquire(model_id):
+        async with cache.acquire(model_id):
             pass
-    task = services.catalog.resolve(model_id).task.value
-    services.record_inference(model=model_id, task=task, duration_s=0.5, audio_s=11.0)
+    task = app.state["services"].catalog.resolve(model_id).task.value
+    app.state["observability"].record_inference(model=model_id, task=task, duration_s=0.5, audio_s=11.0)
 
 
 def _phase(label: str, gen: list[float], http: list[float], loop: list[float], body: bytes) -> dict[str, Any]:
@@ -100,7 +104,7 @@ def _phase(label: str, gen: list[float], http: list[float], loop: list[float], b
         "scenario": label,
         "generate_latest_ms": summary(gen, 1000),
         "http_get_ms": summary(http, 1000),
-        "collect_on_loop_ms": summary(loop, 1000),
+        "snapshot_on_loop_ms": summary(loop, 1000),
         "exposition_bytes": len(body),
         "exposition_samples": len(samples),
         "earshot_samples": sum(1 for s in samples if s.startswith("earshot_")),
@@ -120,6 +124,7 @@ async def _measure(ctx: Context, root: Path) -> dict[str, Any]:
     backend = FakeBackend(footprint=100 * 1024 * 1024)
     app = create_app(settings, backends={"transcription": backend, "speech": backend})
     services = app.state["services"]
+    cache = app.state["cache"]
     registry = app.state["observability"].registry
     catalog_ids = services.catalog.ids()
     if sorted(ids) != catalog_ids:
@@ -131,16 +136,18 @@ async def _measure(ctx: Context, root: Path) -> dict[str, Any]:
             (await client.get(path)).raise_for_status()
         # A: only the loaded models were ever used (per-model counters/histograms exist for them).
         for model_id in ids[:LOADED]:
-            await _history(services, model_id)
-        phases.append(_phase(f"{LOADED} loaded, only they ever used", *await _timings(registry, client, n)))
+            await _history(app, model_id)
+        phases.append(
+            _phase(f"{LOADED} loaded, only they ever used", *await _timings(registry, cache, client, n))
+        )
         # B: every catalog model was used once and all but LOADED evicted again: the most series.
         for model_id in ids[LOADED:]:
-            await _history(services, model_id)
-            await services.cache.unload(model_id)
+            await _history(app, model_id)
+            await cache.unload(model_id)
         phases.append(
-            _phase(f"{LOADED} loaded, all {CATALOG} used before", *await _timings(registry, client, n))
+            _phase(f"{LOADED} loaded, all {CATALOG} used before", *await _timings(registry, cache, client, n))
         )
-        loaded = [m.id for m in services.cache.snapshot().models if m.loaded]
+        loaded = [m.id for m in cache.snapshot().models if m.loaded]
         if len(loaded) != LOADED:
             raise RuntimeError(f"expected {LOADED} loaded models, the cache holds {loaded}")
     return {
@@ -188,14 +195,16 @@ def run(ctx: Context) -> BenchResult:
                     f"{phase['exposition_bytes'] / 1024:.0f} KiB",
                 )
             )
-        st = phase["collect_on_loop_ms"]
+        st = phase["snapshot_on_loop_ms"]
         result.rows.append(
             Row(
                 NAME,
-                f"on the event loop (collect) p99 [{phase['scenario']}]",
+                f"on the event loop (snapshot) p99 [{phase['scenario']}]",
                 st["p99"],
                 "ms",
-                note=f"median {st['median']:.2f} ms: the part of a scrape that blocks the loop",
+                target=TARGET_LOOP_MS,
+                target_text=f"p99 < {TARGET_LOOP_MS:g} ms",
+                note=f"median {st['median']:.3f} ms: the part of a scrape that blocks the loop",
             )
         )
     result.details = details

@@ -142,6 +142,6 @@ def create_app(
         plugins=list(obs.plugins),
         request_max_body_size=int(settings.max_upload_bytes) + FORM_OVERHEAD_BYTES,
         openapi_config=OpenAPIConfig(title="earshot", version=__version__, path="/docs"),
-        state=State({"services": services, "observability": obs}),
+        state=State({"services": services, "observability": obs, "cache": cache}),
         debug=False,
     )

@@ -49,8 +49,8 @@ def restore_logging() -> Iterator[None]:
 
 
 def observability_of(app: Litestar) -> Observability:
-    """The app's Observability (its `record_inference` is the bound method main.py hands the API)."""
-    obs = app.state["services"].record_inference.__self__
+    """The app's Observability (main.py keeps it in the app's state)."""
+    obs = app.state["observability"]
     assert isinstance(obs, Observability)
     return obs
 

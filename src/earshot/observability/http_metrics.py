@@ -11,8 +11,10 @@ registry, and `RegistryPrometheusMiddleware` overrides the four public factory m
 (once per config, i.e. once per app) the same metrics on that registry. Everything else (labels,
 timing, status handling, exclusions) is Litestar's code, unchanged. Compared with re-exporting the
 global metrics through a proxy collector, this keeps the global REGISTRY and the class-level cache
-untouched (two apps in one process, as in tests, do not share or double-count series) and relies
-only on public methods; the test suite checks the metrics land on our registry and nowhere else.
+untouched (two apps in one process, as in tests, do not share or double-count series). One private
+method is overridden too: `_get_default_labels`, to label by route template (below); the test suite
+checks the metrics land on our registry and nowhere else, and with the labels expected, so a
+Litestar release that renames it fails there.
 
 Paths: with `group_path=True` the `path` label is the route template (`/v1/models/{model_id:path}`),
 never the raw path. Requests that match no route (404, 405 from the router) never reach route

@@ -169,10 +169,6 @@ class LoadSpanObserver:
         self._tracer = tracer
         self._open: dict[str, Span] = {}
 
-    @property
-    def open_spans(self) -> int:
-        return len(self._open)
-
     def __call__(self, event: CacheEvent) -> None:
         if isinstance(event, LoadStarted):
             stale = self._open.pop(event.model, None)
