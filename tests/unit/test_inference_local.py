@@ -145,6 +145,24 @@ async def test_a_cancelled_stream_stops_at_the_next_segment_and_gives_the_model_
     assert backend.running == []
 
 
+async def test_a_stream_opened_in_one_task_is_read_and_closed_in_another() -> None:
+    """Litestar starts a stream in the handler's task and sends (and closes) it in another."""
+    inference, backend = service(["a"], concurrency=1)
+    backend.gate.set()
+    stream = await asyncio.create_task(inference.transcribe_stream("a", AUDIO, TranscribeOptions()))
+
+    async def send() -> list[str]:
+        try:
+            return [s.text async for s in stream]
+        finally:
+            await stream.aclose()
+
+    assert await asyncio.create_task(send()) == [" word1", " word2"]
+    [state] = inference.status()
+    assert state.in_use == 0
+    assert inference.workers.slots("a").value == 1  # the slot is back
+
+
 def test_workers_need_a_slot() -> None:
     with pytest.raises(ValueError, match="inference_concurrency"):
         Workers(0)

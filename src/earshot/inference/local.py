@@ -115,7 +115,7 @@ class LocalInference:
         """An inference slot of the model, then the model itself, for the block."""
         slots = self.workers.slots(model_id)
         async with AsyncExitStack() as stack:
-            if slots.available_tokens < 1:
+            if slots.value < 1:
                 with self._cache.waiting(model_id):  # CacheBusy past max_waiting_requests
                     await stack.enter_async_context(slots)
             else:

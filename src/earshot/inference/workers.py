@@ -42,7 +42,9 @@ class Workers:
         self.loads = anyio.CapacityLimiter(load_threads)
         self.work = anyio.CapacityLimiter(work_threads)
         self.inference_threads = anyio.CapacityLimiter(INFERENCE_THREADS)
-        self._slots: dict[str, anyio.CapacityLimiter] = {}
+        # Semaphores, not CapacityLimiters: a stream takes its slot in the request's task and gives
+        # it back in the task that sends the response (a limiter's tokens belong to one task).
+        self._slots: dict[str, anyio.Semaphore] = {}
 
     async def run_load(self, fn: Callable[..., T], *args: Any) -> T:
         """A load, unload or footprint estimate (the cache's BlockingRunner)."""
@@ -57,9 +59,9 @@ class Workers:
         caller waits for the step to finish: the model is used until then."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.inference_threads)
 
-    def slots(self, model_id: str) -> anyio.CapacityLimiter:
+    def slots(self, model_id: str) -> anyio.Semaphore:
         """The inference slots of one model (`inference_concurrency` at once)."""
         slot = self._slots.get(model_id)
         if slot is None:
-            slot = self._slots[model_id] = anyio.CapacityLimiter(self.inference_concurrency)
+            slot = self._slots[model_id] = anyio.Semaphore(self.inference_concurrency)
         return slot
