@@ -23,7 +23,7 @@ from earshot.cache.state import CacheConfig
 from earshot.inference.local import LocalInference
 from earshot.inference.workers import Workers
 from earshot.options import TranscribeOptions
-from earshot.types import Segment
+from earshot.types import Segment, Transcript
 from tests.support.fakes import Catalog, FakeBackend, FakeHandle, eventually, make_spec
 
 AUDIO = np.zeros(16_000, np.float32)
@@ -56,6 +56,10 @@ class _Segments(Iterator[Segment]):
             self._running.pop()
         self._i += 1
         return segment(self._i)
+
+    def transcript(self, segments: list[Segment]) -> Transcript:
+        text = "".join(s.text for s in segments).strip()
+        return Transcript(text, self.language, self.duration, segments)
 
     def close(self) -> None:
         pass

@@ -37,38 +37,31 @@ SpeechFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
 Granularity = Literal["word", "segment"]
 
 
-class TranscriptionForm(msgspec.Struct, kw_only=True):
-    """multipart/form-data of POST /v1/audio/transcriptions (OpenAI's fields, plus faster-whisper's
-    `hotwords` and `vad_filter`, and Ollama-style `keep_alive`, which clients send as extra fields)."""
+class TranslationForm(msgspec.Struct, kw_only=True):
+    """multipart/form-data of POST /v1/audio/translations (into English): OpenAI's fields, plus
+    faster-whisper's `hotwords` and `vad_filter`, and Ollama-style `keep_alive`, which clients send
+    as extra fields."""
 
     file: UploadFile
     model: str
-    language: str | None = None
     prompt: str | None = None
     response_format: TranscriptFormat = "json"
     temperature: float = 0.0
+    stream: bool = False
+    hotwords: str | None = None
+    vad_filter: bool = False
+    keep_alive: float | None = None
+
+
+class TranscriptionForm(TranslationForm, kw_only=True):
+    """multipart/form-data of POST /v1/audio/transcriptions: the translation fields, plus the
+    source language and the timestamp granularities."""
+
+    language: str | None = None
     # One form field per value: a single value arrives as a plain string.
     timestamp_granularities: list[Granularity] | Granularity = msgspec.field(
         default_factory=list, name="timestamp_granularities[]"
     )
-    stream: bool = False
-    hotwords: str | None = None
-    vad_filter: bool = False
-    keep_alive: float | None = None
-
-
-class TranslationForm(msgspec.Struct, kw_only=True):
-    """multipart/form-data of POST /v1/audio/translations (into English)."""
-
-    file: UploadFile
-    model: str
-    prompt: str | None = None
-    response_format: TranscriptFormat = "json"
-    temperature: float = 0.0
-    stream: bool = False
-    hotwords: str | None = None
-    vad_filter: bool = False
-    keep_alive: float | None = None
 
 
 class SpeechRequest(msgspec.Struct, kw_only=True):

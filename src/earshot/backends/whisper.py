@@ -113,6 +113,16 @@ class SegmentStream(Iterator[Segment]):
             raise
         return _convert_segment(seg)
 
+    def transcript(self, segments: list[Segment]) -> Transcript:
+        """The whole transcript of this stream, given every segment it yielded."""
+        return Transcript(
+            text="".join(s.text for s in segments).strip(),
+            language=self.language,
+            duration=self.duration,
+            segments=segments,
+            language_probability=self.language_probability,
+        )
+
     def close(self) -> None:
         close = getattr(self._generator, "close", None)
         if callable(close):
@@ -203,16 +213,9 @@ class WhisperHandle:
         """Transcribe (or translate into English) the whole input. Blocking."""
         stream = self.stream(audio, options, beam_size=beam_size)
         try:
-            segments = list(stream)
+            return stream.transcript(list(stream))
         finally:
             stream.close()
-        return Transcript(
-            text="".join(s.text for s in segments).strip(),
-            language=stream.language,
-            duration=stream.duration,
-            segments=segments,
-            language_probability=stream.language_probability,
-        )
 
 
 class WhisperBackend:

@@ -169,13 +169,7 @@ class LocalInference:
                 duration_s=time.perf_counter() - started,
                 audio_s=audio_s,
             )
-        return Transcript(
-            text="".join(s.text for s in segments).strip(),
-            language=stream.language,
-            duration=stream.duration,
-            segments=segments,
-            language_probability=stream.language_probability,
-        )
+        return cast(Transcript, stream.transcript(segments))
 
     async def transcribe_stream(
         self, model_id: str, audio: PCM, options: TranscribeOptions
