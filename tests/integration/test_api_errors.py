@@ -245,7 +245,9 @@ def test_cache_full_is_503_with_retry_after(strict: Server, http: httpx.Client, 
         if all(m["in_use"] == 0 for m in ps):
             break
         time.sleep(0.2)
-    assert all(m["in_use"] == 0 for m in http.get("/api/ps").json()["models"])  # the client left: released
+    assert all(m["in_use"] == 0 for m in http.get("/api/ps").json()["models"]), http.get(
+        "/api/ps"
+    ).json()  # the client left: released
     assert stt(http, jfk_flac.read_bytes()).status_code == 200
 
 

@@ -136,10 +136,17 @@ def test_metrics_events_logs_spans_and_ps_tell_one_story(server: Server, jfk_fla
         assert m("earshot_model_load_duration_seconds_sum", model=model, task=task) == pytest.approx(
             sum(e["duration_s"] for e in events if e["event"] == "model_loaded" and e["model"] == model)
         )
+        acquires = [
+            s for s in exporter.get_finished_spans()
+            if s.name == "cache.acquire" and s.attributes and s.attributes["earshot.model"] == model
+        ]  # fmt: skip
         for result in ("hit", "miss", "coalesced"):
-            assert kinds[f"cache_{result}", model] == m(
-                "earshot_cache_requests_total", model=model, result=result
+            counted = m("earshot_cache_requests_total", model=model, result=result)
+            assert counted == sum(
+                1 for s in acquires if s.attributes and s.attributes["earshot.cache.outcome"] == result
             )
+            # hits are counted, not kept in the event ring (steady traffic would push loads out of it)
+            assert kinds[f"cache_{result}", model] == (0 if result == "hit" else counted)
         reloads = sum(
             1 for e in events if e["event"] == "model_load_started" and e["model"] == model and e["reload"]
         )
