@@ -29,6 +29,7 @@ from earshot.cache.memory import tune_allocator
 from earshot.cache.protocol import Backend
 from earshot.cache.state import CacheConfig
 from earshot.models.catalog import build_catalog
+from earshot.models.resolver import HubResolver, resolve_preload
 from earshot.observability import Observability
 from earshot.settings import Settings, load_settings
 
@@ -70,9 +71,7 @@ def create_app(
         aliases_file=settings.model_aliases_file,
         builtin_hub_models=settings.builtin_hub_models,
     )
-    unknown = [m for m in settings.preload_models if catalog.resolve(m) is None]
-    if unknown:
-        log.warning("preload_models: not in the catalog, skipped: %s", ", ".join(unknown))
+    resolver = HubResolver(catalog, enabled=settings.allow_hub_models, max_models=settings.max_catalog_models)
     obs = Observability.create(settings, registry=registry)
     tuned = tune_allocator()  # before the worker threads: each would get an arena of its own
     if tuned:
@@ -96,12 +95,13 @@ def create_app(
         gate=InferenceGate(settings.inference_concurrency),
         record_inference=obs.record_inference,
         acquire_with=obs.traced_acquire,
+        resolver=resolver,
     )
-    preload = [spec.id for m in settings.preload_models if (spec := catalog.resolve(m)) is not None]
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         obs.start()
+        preload = await resolve_preload(resolver, settings.preload_models)  # hub ids too
         preloading = cache.start_preload(preload)
         try:
             yield

@@ -155,7 +155,7 @@ class AudioController(Controller):
         form: TranscriptionForm | TranslationForm,
         task: Literal["transcribe", "translate"],
     ) -> Response[Any] | ServerSentEvent:
-        spec = services.spec_for(form.model, Task.TRANSCRIPTION)
+        spec = await services.spec_for(form.model, Task.TRANSCRIPTION)
         _check_temperature(form.temperature)
         check_keep_alive(form.keep_alive)
         language = getattr(form, "language", None) or None
@@ -297,7 +297,7 @@ class AudioController(Controller):
         "/speech", status_code=200, responses=ERROR_RESPONSES, summary="Synthesize speech (OpenAI-compatible)"
     )
     async def speech(self, services: Services, data: SpeechRequest) -> Response[bytes] | Stream:
-        spec = services.spec_for(data.model, Task.SPEECH)
+        spec = await services.spec_for(data.model, Task.SPEECH)
         text = data.input.strip()
         if not text:
             raise bad_request("input must not be empty", param="input")
@@ -394,7 +394,7 @@ class AudioController(Controller):
     ) -> dict[str, Any]:
         """Voices of one speech model (`?model=`) or of every loaded speech model; loads the model asked for."""
         specs = (
-            [services.spec_for(model, Task.SPEECH)]
+            [await services.spec_for(model, Task.SPEECH)]
             if model
             else [services.catalog.resolve(i) for i in services.catalog.ids(Task.SPEECH)]
         )

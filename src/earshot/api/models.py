@@ -53,6 +53,11 @@ def _spec(services: Services, name: str) -> ModelSpec:
     return spec
 
 
+async def _resolved(services: Services, name: str) -> ModelSpec:
+    """`_spec`, resolving a hub id the catalog does not list yet (GET and POST; DELETE does not)."""
+    return await services.ensure(name)
+
+
 def model_object(services: Services, spec: ModelSpec, state: ModelState | None) -> dict[str, Any]:
     aliases = sorted(a for a, target in services.catalog.aliases.items() if target == spec.id)
     return {
@@ -94,7 +99,7 @@ def _check_load_body(body: LoadRequest | None) -> LoadRequest:
 
 
 async def _load(services: Services, name: str, body: LoadRequest | None) -> ModelSpec:
-    spec = _spec(services, name)
+    spec = await _resolved(services, name)
     body = _check_load_body(body)
     await services.cache.load(spec.id, keep_alive=body.keep_alive, pin=body.pin)
     return spec
@@ -134,7 +139,7 @@ class ModelsController(Controller):
 
     @get("/{model_id:path}", responses=ERROR_RESPONSES, summary="Describe a model")
     async def get_model(self, services: Services, model_id: ModelPath) -> dict[str, Any]:
-        spec = _spec(services, _model_id(model_id))
+        spec = await _resolved(services, _model_id(model_id))
         return model_object(services, spec, services.cache.snapshot().get(spec.id))
 
     @post(

@@ -16,6 +16,8 @@ import anyio
 from earshot.cache.manager import Lease, ModelCache
 from earshot.cache.protocol import ModelSpec, Task
 from earshot.models.catalog import Catalog
+from earshot.models.errors import NotAHubId
+from earshot.models.resolver import HubResolver
 from earshot.settings import Settings
 
 T = TypeVar("T")
@@ -107,6 +109,7 @@ class Services:
     record_inference: InferenceRecorder = _no_recorder
     acquire_with: Acquire | None = None
     started_at: float = field(default_factory=time.time)
+    resolver: HubResolver | None = None  # hub ids on demand; None: the catalog as built
 
     def acquire(self, model_id: str, keep_alive: float | None) -> AbstractAsyncContextManager[Lease]:
         """Hold a reference to a loaded model for the `async with` block (see ModelCache.acquire)."""
@@ -114,13 +117,26 @@ class Services:
             return self.acquire_with(model_id, keep_alive)
         return self.cache.acquire(model_id, keep_alive)
 
-    def spec_for(self, name: str, task: Task, *, param: str = "model") -> ModelSpec:
-        """The catalog model a request names, checked for the task; APIError 404/400 otherwise."""
-        from earshot.api.errors import bad_request, model_not_found
+    async def ensure(self, name: str) -> ModelSpec:
+        """The catalog model `name` means, resolving a hub id on demand (ModelResolutionError for the
+        API's error mapping); 404 for a name that is neither listed nor an owner/name repo id."""
+        from earshot.api.errors import model_not_found
 
         spec = self.catalog.resolve(name)
-        if spec is None:
-            raise model_not_found(name, self.catalog.close_matches(name))
+        if spec is not None:
+            return spec
+        if self.resolver is not None:
+            try:
+                return await self.resolver.ensure(name)
+            except NotAHubId:
+                pass
+        raise model_not_found(name, self.catalog.close_matches(name))
+
+    async def spec_for(self, name: str, task: Task, *, param: str = "model") -> ModelSpec:
+        """The catalog model a request names, checked for the task; APIError 404/400 otherwise."""
+        from earshot.api.errors import bad_request
+
+        spec = await self.ensure(name)
         if spec.task != task:
             route = "/v1/audio/speech" if spec.task == Task.SPEECH else "/v1/audio/transcriptions"
             raise bad_request(
