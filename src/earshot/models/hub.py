@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -194,6 +195,9 @@ def lookup(repo_id: str, revision: str | None = None) -> RepoListing:
 # ---------------------------------------------------------------------------------------- download
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm moves the cursor between its bars
+
+
 class _LogStream(io.TextIOBase):
     """Where the progress bars write: each refresh of a bar becomes one log line."""
 
@@ -201,7 +205,7 @@ class _LogStream(io.TextIOBase):
         self.repo_id = repo_id
 
     def write(self, text: str) -> int:
-        line = text.replace("\r", "").strip()
+        line = _ANSI.sub("", text).replace("\r", "").strip()
         if line:
             log.info("download %s: %s", self.repo_id, line, extra={"model": self.repo_id})
         return len(text)
