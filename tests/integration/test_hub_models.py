@@ -115,7 +115,9 @@ def test_guide_model_id_transcribes_jfk_and_joins_the_catalog(
     assert models[DISTIL]["loaded"] is True
     metrics = http.get("/metrics").text
     assert f'earshot_model_loaded{{model="{DISTIL}",task="transcription"}} 1.0' in metrics
-    assert f'earshot_model_loads_total{{model="{DISTIL}",outcome="success",task="transcription"}} 1.0' in metrics
+    assert (
+        f'earshot_model_loads_total{{model="{DISTIL}",outcome="success",task="transcription"}} 1.0' in metrics
+    )
 
 
 def test_kokoro_repo_in_the_onnx_and_voices_layout_speaks(client: openai.OpenAI) -> None:
@@ -253,7 +255,9 @@ def test_guide_config_preloads_the_hub_model(
         ]
         assert skipped, "the unresolvable preload id is not logged"
         r = http.post(
-            "/v1/audio/transcriptions", files={"file": ("jfk.flac", jfk_flac.read_bytes())}, data={"model": DISTIL}
+            "/v1/audio/transcriptions",
+            files={"file": ("jfk.flac", jfk_flac.read_bytes())},
+            data={"model": DISTIL},
         )
         assert has_run(words(r.json()["text"]), ASK_NOT)
 
@@ -301,7 +305,9 @@ def test_online_file_list_then_download_then_load(
         envelope(http.get("/v1/models/remote-owner/just-a-readme"), 400, "model_not_servable")
         # the first use downloads the needed files (huggingface_hub's progress in the log), then loads
         r = http.post(
-            "/v1/audio/transcriptions", files={"file": ("jfk.flac", jfk_flac.read_bytes())}, data={"model": repo}
+            "/v1/audio/transcriptions",
+            files={"file": ("jfk.flac", jfk_flac.read_bytes())},
+            data={"model": repo},
         )
         assert r.status_code == 200, r.text
         assert has_run(words(r.json()["text"]), ASK_NOT)
@@ -319,5 +325,7 @@ def test_online_file_list_then_download_then_load(
             time.sleep(0.5)
         assert progress, "no download progress in the log"
         assert any("100%" in str(line["event"]) for line in progress)
-        snapshots = list((tmp_path / "hf" / "hub").glob("models--remote-owner--whisper-ct2/snapshots/*/model.bin"))
+        snapshots = list(
+            (tmp_path / "hf" / "hub").glob("models--remote-owner--whisper-ct2/snapshots/*/model.bin")
+        )
         assert snapshots, "not downloaded into the standard HF cache"

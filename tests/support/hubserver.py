@@ -76,10 +76,14 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(body)
 
         def _json(self, data: object, headers: Mapping[str, str] | None = None) -> None:
-            self._send(200, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})})
+            self._send(
+                200, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})}
+            )
 
         def _not_found(self, code: str = "RepoNotFound") -> None:
-            self._send(404, b'{"error":"not found"}', {"X-Error-Code": code, "Content-Type": "application/json"})
+            self._send(
+                404, b'{"error":"not found"}', {"X-Error-Code": code, "Content-Type": "application/json"}
+            )
 
         def _route(self) -> None:
             path = unquote(urlsplit(self.path).path)
@@ -98,14 +102,18 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 if repo is None:
                     return self._not_found()
                 siblings = [{"rfilename": p, "size": repo.size(p)} for p in sorted(repo.files)]
-                return self._json({"id": m.group(1), "sha": repo.commit, "siblings": siblings, "private": False})
+                return self._json(
+                    {"id": m.group(1), "sha": repo.commit, "siblings": siblings, "private": False}
+                )
             if m := _RESOLVE.match(path):
                 repo_id, _rev, file = m.groups()
                 repo = hub.repos.get(repo_id)
                 if repo is None:
                     return self._not_found()
                 if file not in repo.files:
-                    return self._send(404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": repo.commit})
+                    return self._send(
+                        404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": repo.commit}
+                    )
                 data = repo.data(file)
                 headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{_etag(repo_id, file)}"'}
                 rng = self.headers.get("Range")
