@@ -131,9 +131,10 @@ def _models_list(settings: Settings, as_json: bool) -> int:
         aliases_file=settings.model_aliases_file,
         builtin_hub_models=settings.builtin_hub_models,
     )
+    from_cache: set[str] = set()
     if settings.allow_hub_models:  # hub ids the server would resolve from the local HF cache
         for spec in cached_hub_models(catalog, limit=settings.max_catalog_models):
-            catalog.add(spec)
+            from_cache.add(catalog.add(spec).id)
     specs = list(catalog.specs.values())
     if as_json:
         rows = [
@@ -150,7 +151,8 @@ def _models_list(settings: Settings, as_json: bool) -> int:
         return 0
     for s in specs:
         size = f"{s.size_bytes / 1e6:.0f} MB" if s.size_bytes else "-"
-        print(f"{s.id:<45} {s.task.value:<14} {s.source:<7} {size:>8}  {s.path or s.repo_id}")
+        where = f"{s.repo_id} (on demand, from the HF cache)" if s.id in from_cache else s.path or s.repo_id
+        print(f"{s.id:<45} {s.task.value:<14} {s.source:<7} {size:>8}  {where}")
     for alias, target in catalog.aliases.items():
         print(f"{alias:<45} alias of {target}")
     return 0

@@ -195,6 +195,21 @@ async def test_concurrent_requests_for_one_id_share_one_lookup() -> None:
     assert catalog.specs["o/w"].task == Task.TRANSCRIPTION
 
 
+async def test_a_requester_that_leaves_does_not_fail_the_others() -> None:
+    lookups = Lookups({"o/w": WHISPER_REPO})
+    lookups.gate.clear()
+    resolver = HubResolver(base_catalog(), lookup=lookups)
+    first = asyncio.create_task(resolver.ensure("o/w"))
+    second = asyncio.create_task(resolver.ensure("o/w"))
+    await asyncio.sleep(0.1)
+    first.cancel()
+    await asyncio.sleep(0)
+    lookups.gate.set()
+    assert (await second).id == "o/w"
+    assert first.cancelled()
+    assert lookups.calls == ["o/w"]
+
+
 async def test_cap_counts_added_ids_only_and_refuses_the_next() -> None:
     repos = {f"o/w{i}": WHISPER_REPO for i in range(4)}
     lookups = Lookups(repos)

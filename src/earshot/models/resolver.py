@@ -70,7 +70,7 @@ class HubResolver:
         self.enabled = enabled
         self.max_models = max_models
         self._lookup = lookup
-        self._inflight: dict[str, asyncio.Future[ModelSpec]] = {}
+        self._inflight: dict[str, asyncio.Task[ModelSpec]] = {}
         self._slots: asyncio.Semaphore | None = None
 
     @property
@@ -93,30 +93,28 @@ class HubResolver:
                 "the models.",
                 model=name,
             )
-        pending = self._inflight.get(name)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        if self.added + len(self._inflight) >= self.max_models:
-            raise CatalogFull(
-                f"The model {shown(name)!r} is not in the catalog, and this server has added its limit of "
-                f"{self.max_models} models from the Hugging Face Hub (max_catalog_models). GET /v1/models "
-                "lists the models.",
-                model=name,
-            )
-        future: asyncio.Future[ModelSpec] = asyncio.get_running_loop().create_future()
-        self._inflight[name] = future
-        try:
-            spec = await self._resolve(name)
-        except BaseException as exc:
-            if not future.done():
-                future.set_exception(exc)
-            future.exception()  # retrieved: no "never retrieved" warning when nobody else waited
-            raise
-        else:
-            future.set_result(spec)
-            return spec
-        finally:
-            self._inflight.pop(name, None)
+        task = self._inflight.get(name)
+        if task is None:
+            resolving = sum(1 for t in self._inflight.values() if not t.done())
+            if self.added + resolving >= self.max_models:
+                raise CatalogFull(
+                    f"The model {shown(name)!r} is not in the catalog, and this server has added its limit "
+                    f"of {self.max_models} models from the Hugging Face Hub (max_catalog_models). "
+                    "GET /v1/models lists the models.",
+                    model=name,
+                )
+            # A task of its own: a requester that goes away does not fail the others waiting on it.
+            task = asyncio.get_running_loop().create_task(self._resolve(name), name=f"resolve {name}")
+            self._inflight[name] = task
+            task.add_done_callback(self._done)
+        return await asyncio.shield(task)
+
+    def _done(self, task: asyncio.Task[ModelSpec]) -> None:
+        for name, pending in list(self._inflight.items()):
+            if pending is task:
+                del self._inflight[name]
+        if not task.cancelled():
+            task.exception()  # retrieved here: no "never retrieved" warning when every waiter left
 
     async def _resolve(self, name: str) -> ModelSpec:
         if self._slots is None:
