@@ -240,6 +240,21 @@ async def test_lookups_in_flight_hold_slots() -> None:
     assert (await first).id == "o/a"
 
 
+async def test_a_bad_answer_is_remembered_a_while() -> None:
+    lookups = Lookups({"o/readme": ("README.md",)})
+    resolver = HubResolver(base_catalog(), lookup=lookups)
+    for _ in range(3):
+        with pytest.raises(HubModelNotFound):
+            await resolver.ensure("o/missing")
+        with pytest.raises(NotServable):
+            await resolver.ensure("o/readme")
+    assert lookups.calls == ["o/missing", "o/readme"]
+    for _ in range(2):  # "unreachable" is not remembered: the next request tries again
+        with pytest.raises(HubUnreachable):
+            await resolver.ensure("o/offline")
+    assert lookups.calls.count("o/offline") == 2
+
+
 async def test_switch_off_refuses_hub_ids_with_a_clear_message() -> None:
     lookups = Lookups({"o/w": WHISPER_REPO})
     resolver = HubResolver(base_catalog(), enabled=False, lookup=lookups)

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from earshot.cache.protocol import ModelSpec
 from earshot.models.catalog import Catalog
 from earshot.models.errors import (
     CatalogFull,
+    HubModelNotFound,
     HubModelsDisabled,
     ModelResolutionError,
     NotAHubId,
@@ -31,6 +34,10 @@ from earshot.models.hub import RepoListing, cached_repo_sizes, check_hub_id, fro
 log = logging.getLogger("earshot.models")
 
 MAX_CONCURRENT_LOOKUPS = 4
+# Answers "no such repo" / "not a model" are remembered a while, so repeating a bad id costs no
+# lookup each time (a bounded table: the oldest answers go first).
+MISS_TTL_S = 60.0
+MAX_MISSES = 256
 
 
 def spec_from_listing(listing: RepoListing) -> ModelSpec:
@@ -72,6 +79,7 @@ class HubResolver:
         self._lookup = lookup
         self._inflight: dict[str, asyncio.Task[ModelSpec]] = {}
         self._slots: asyncio.Semaphore | None = None
+        self._misses: OrderedDict[str, tuple[float, ModelResolutionError]] = OrderedDict()
 
     @property
     def added(self) -> int:
@@ -93,6 +101,11 @@ class HubResolver:
                 "the models.",
                 model=name,
             )
+        miss = self._misses.get(name)
+        if miss is not None:
+            if time.monotonic() - miss[0] < MISS_TTL_S:
+                raise miss[1]
+            del self._misses[name]
         task = self._inflight.get(name)
         if task is None:
             resolving = sum(1 for t in self._inflight.values() if not t.done())
@@ -113,8 +126,13 @@ class HubResolver:
         for name, pending in list(self._inflight.items()):
             if pending is task:
                 del self._inflight[name]
-        if not task.cancelled():
-            task.exception()  # retrieved here: no "never retrieved" warning when every waiter left
+        if task.cancelled():
+            return
+        exc = task.exception()  # retrieved here: no "never retrieved" warning when every waiter left
+        if isinstance(exc, HubModelNotFound | NotServable):
+            self._misses[exc.model] = (time.monotonic(), exc)
+            while len(self._misses) > MAX_MISSES:
+                self._misses.popitem(last=False)
 
     async def _resolve(self, name: str) -> ModelSpec:
         if self._slots is None:
