@@ -53,11 +53,6 @@ def _spec(services: Services, name: str) -> ModelSpec:
     return spec
 
 
-async def _resolved(services: Services, name: str) -> ModelSpec:
-    """`_spec`, resolving a hub id the catalog does not list yet (GET and POST; DELETE does not)."""
-    return await services.ensure(name)
-
-
 def model_object(services: Services, spec: ModelSpec, state: ModelState | None) -> dict[str, Any]:
     aliases = sorted(a for a, target in services.catalog.aliases.items() if target == spec.id)
     return {
@@ -99,7 +94,7 @@ def _check_load_body(body: LoadRequest | None) -> LoadRequest:
 
 
 async def _load(services: Services, name: str, body: LoadRequest | None) -> ModelSpec:
-    spec = await _resolved(services, name)
+    spec = await services.ensure(name)
     body = _check_load_body(body)
     await services.cache.load(spec.id, keep_alive=body.keep_alive, pin=body.pin)
     return spec
@@ -139,7 +134,7 @@ class ModelsController(Controller):
 
     @get("/{model_id:path}", responses=ERROR_RESPONSES, summary="Describe a model")
     async def get_model(self, services: Services, model_id: ModelPath) -> dict[str, Any]:
-        spec = await _resolved(services, _model_id(model_id))
+        spec = await services.ensure(_model_id(model_id))
         return model_object(services, spec, services.cache.snapshot().get(spec.id))
 
     @post(

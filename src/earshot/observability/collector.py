@@ -6,9 +6,9 @@ event loop thread, which is also the only thread allowed to read the cache's tab
 
 Which series exist:
 - `earshot_model_loaded{model,task}`: one series per *catalog* model, always: 1 while loaded, 0
-  otherwise (an evicted model reads 0). The catalog is bounded (hub ids join it on demand up to
-  max_catalog_models), so this is a known, small set of series, and `sum(earshot_model_loaded)` / `earshot_model_loaded == 0` need no
-  `or vector(0)` tricks.
+  otherwise (an evicted model reads 0). The catalog is bounded (hub ids join it on demand, up to
+  max_catalog_models), so this is a known, small set of series, and `sum(earshot_model_loaded)` /
+  `earshot_model_loaded == 0` need no `or vector(0)` tricks.
 - `earshot_model_loads_in_progress`, `earshot_model_idle_seconds`, `earshot_model_expires_in_seconds`
   (only while an expiry is scheduled), `earshot_model_in_use`, `earshot_model_memory_bytes`: only
   for models the cache holds right now (loaded or loading); they disappear when a model is evicted.
