@@ -1,4 +1,4 @@
-"""The `earshot` command: serve, config, models (list, install-demo, pull), ps.
+"""The `earshot` command: serve, config, models (list, install-demo, pull, import), ps.
 
 Settings flags (`earshot serve --max-models 5 --model-idle-timeout 60 ...`) are generated from the
 Settings model by pydantic-settings' CliSettingsSource, so every setting has a flag and the flags
@@ -57,12 +57,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, CliSettingsSource
     pull = models_sub.add_parser("pull", help="download a Hugging Face model into the HF cache")
     pull.add_argument("model", help="catalog id or Hugging Face repo id")
     sources["models pull"] = _settings_parser(pull)
+    imp = models_sub.add_parser("import", help="check a local model directory and place it under models_dir")
+    imp.add_argument("path", metavar="PATH", help="directory of a faster-whisper or Kokoro model")
+    imp.add_argument("--id", dest="model_id", metavar="ID", help="model id (default: the directory name)")
+    imp.add_argument("--link", action="store_true", help="link the files instead of copying them")
+    sources["models import"] = _settings_parser(imp)
 
     ps = sub.add_parser("ps", help="show loaded models of a running server")
     ps.add_argument("--watch", action="store_true", help="follow cache events as they happen")
-    ps.add_argument(
-        "--hits", action="store_true", help="with --watch: also a line per cache hit (one per request)"
-    )
     ps.add_argument("--url", help="server base URL (default: base_url setting)")
     ps.add_argument("--api-key", help="API key (default: api_key setting)")
     ps.add_argument("--config", metavar="PATH", help="config.yaml (default: $EARSHOT_CONFIG)")
@@ -121,6 +123,7 @@ def _print_config(settings: Settings, as_json: bool) -> int:
 
 def _models_list(settings: Settings, as_json: bool) -> int:
     from earshot.models.catalog import build_catalog
+    from earshot.models.resolver import cached_hub_models
 
     catalog = build_catalog(
         models_dir=settings.models_dir,
@@ -128,6 +131,10 @@ def _models_list(settings: Settings, as_json: bool) -> int:
         aliases_file=settings.model_aliases_file,
         builtin_hub_models=settings.builtin_hub_models,
     )
+    from_cache: set[str] = set()
+    if settings.allow_hub_models:  # hub ids the server would resolve from the local HF cache
+        for spec in cached_hub_models(catalog, limit=settings.max_catalog_models):
+            from_cache.add(catalog.add(spec).id)
     specs = list(catalog.specs.values())
     if as_json:
         rows = [
@@ -144,32 +151,46 @@ def _models_list(settings: Settings, as_json: bool) -> int:
         return 0
     for s in specs:
         size = f"{s.size_bytes / 1e6:.0f} MB" if s.size_bytes else "-"
-        print(f"{s.id:<45} {s.task.value:<14} {s.source:<7} {size:>8}  {s.path or s.repo_id}")
+        where = f"{s.repo_id} (on demand, from the HF cache)" if s.id in from_cache else s.path or s.repo_id
+        print(f"{s.id:<45} {s.task.value:<14} {s.source:<7} {size:>8}  {where}")
     for alias, target in catalog.aliases.items():
         print(f"{alias:<45} alias of {target}")
     return 0
 
 
 def _models_pull(settings: Settings, name: str) -> int:
-    from earshot.models.catalog import build_catalog, task_from_repo
-    from earshot.models.hub import ModelFetchError, local_path
-    from earshot.types import ModelSpec
+    from earshot.models.catalog import build_catalog
+    from earshot.models.errors import ModelDownloadError, ModelResolutionError
+    from earshot.models.hub import download, lookup
+    from earshot.models.resolver import spec_from_listing
 
     catalog = build_catalog(
         models_dir=settings.models_dir, entries=settings.models, aliases_file=settings.model_aliases_file
     )
-    spec = catalog.resolve(name)
-    if spec is None:
-        task = task_from_repo(name)
-        if task is None or "/" not in name:
-            print(f"earshot: {name!r} is neither a catalog model nor a Hugging Face repo id", file=sys.stderr)
-            return 2
-        spec = ModelSpec(id=name, task=task, source="hf", repo_id=name)
     try:
-        print(local_path(spec))
-    except ModelFetchError as exc:
+        spec = catalog.resolve(name) or spec_from_listing(lookup(name))
+        print(download(spec, timeout=settings.model_download_timeout))
+    except ModelResolutionError as exc:
+        print(f"earshot: {exc.message}", file=sys.stderr)
+        return 2
+    except ModelDownloadError as exc:
         print(f"earshot: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _models_import(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from earshot.models.importer import ModelImportError, import_model
+
+    try:
+        done = import_model(Path(args.path), settings.models_dir, model_id=args.model_id, link=args.link)
+    except (ModelImportError, OSError) as exc:
+        print(f"earshot: cannot import {args.path}: {exc}", file=sys.stderr)
+        return 2
+    how = "linked" if done.linked else "copied"
+    print(f"imported {done.id} ({done.task.value}): {done.files} files {how} into {done.path}")
     return 0
 
 
@@ -190,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             settings = load_settings(config_file=args.config)
             key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
-            return run_ps(args.url or settings.base_url, key, args.watch, hits=args.hits)
+            return run_ps(args.url or settings.base_url, key, args.watch)
         settings = _load(args, sources[command])
     except SettingsError as exc:
         for line in str(exc).splitlines():
@@ -204,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _models_list(settings, args.json)
     if command == "models pull":
         return _models_pull(settings, args.model)
+    if command == "models import":
+        return _models_import(settings, args)
     if command == "models install-demo":
         from earshot.models.demo import install_demo
 

@@ -36,6 +36,7 @@ from earshot.cache.state import CacheConfig
 from earshot.inference.local import LocalInference
 from earshot.inference.workers import Workers
 from earshot.models.catalog import build_catalog
+from earshot.models.resolver import HubResolver, resolve_preload
 from earshot.observability import Observability
 from earshot.observability.collector import render
 from earshot.settings import Settings, load_settings
@@ -81,9 +82,7 @@ def create_app(
         aliases_file=settings.model_aliases_file,
         builtin_hub_models=settings.builtin_hub_models,
     )
-    unknown = [m for m in settings.preload_models if catalog.resolve(m) is None]
-    if unknown:
-        log.warning("preload_models: not in the catalog, skipped: %s", ", ".join(unknown))
+    resolver = HubResolver(catalog, enabled=settings.allow_hub_models, max_models=settings.max_catalog_models)
     obs = Observability.create(settings, registry=registry)
     tuned = tune_allocator()  # before the worker threads: each would get an arena of its own
     if tuned:
@@ -104,12 +103,14 @@ def create_app(
     inference = LocalInference(
         cache, catalog.resolve, backends, workers, tracer=obs.tracer, record=obs.record_inference
     )
-    services = Services(settings=settings, catalog=catalog, inference=inference, workers=workers)
-    preload = [spec.id for m in settings.preload_models if (spec := catalog.resolve(m)) is not None]
+    services = Services(
+        settings=settings, catalog=catalog, inference=inference, workers=workers, resolver=resolver
+    )
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         obs.start()
+        preload = await resolve_preload(resolver, settings.preload_models)  # hub ids too
         preloading = cache.start_preload(preload)
         try:
             yield

@@ -157,6 +157,19 @@ class Settings(BaseSettings):
         True,
         description="List well-known Hugging Face models (Systran/faster-whisper-*, Kokoro) in the catalog",
     )
+    allow_hub_models: bool = Field(
+        True,
+        description="Resolve a requested owner/name id the catalog does not list on the Hugging Face Hub "
+        "(the HF cache offline)",
+    )
+    max_catalog_models: int = Field(
+        32, ge=0, description="Hub ids added to the catalog on demand at most; more get 403"
+    )
+    model_download_timeout: float = Field(
+        3600,
+        gt=0,
+        description="Seconds a model's first download may take (not counted in model_load_timeout)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run")
     compute_type: str = Field("auto", description="CTranslate2 compute type (auto, int8, float16, ...)")
     cpu_threads: int = Field(

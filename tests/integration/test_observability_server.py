@@ -215,7 +215,8 @@ def test_every_design_name_and_no_series_from_unknown_models(server: Server, jfk
 
     def unknown(i: int) -> None:
         assert client.post("/v1/audio/speech", json={"model": f"nope-{i}", "input": "hi"}).status_code == 404
-        assert client.get(f"/v1/models/nope/{i}").status_code == 404
+        # an owner/name id is looked up on the Hub: offline and not cached, 503 (test_hub_models.py)
+        assert client.get(f"/v1/models/nope/{i}").status_code in (404, 503)
         files = {"file": ("a.flac", b"x", "audio/flac")}
         assert client.post(
             "/v1/audio/transcriptions", files=files, data={"model": f"nope-{i}"}

@@ -130,7 +130,7 @@ class AudioController(Controller):
         form: TranscriptionForm | TranslationForm,
         task: Literal["transcribe", "translate"],
     ) -> Response[Any] | ServerSentEvent:
-        spec = services.spec_for(form.model, Task.TRANSCRIPTION)
+        spec = await services.spec_for(form.model, Task.TRANSCRIPTION)
         granularities = getattr(form, "timestamp_granularities", [])
         words = "word" in ([granularities] if isinstance(granularities, str) else granularities)
         if words and form.response_format != "verbose_json":
@@ -192,7 +192,7 @@ class AudioController(Controller):
         "/speech", status_code=200, responses=ERROR_RESPONSES, summary="Synthesize speech (OpenAI-compatible)"
     )
     async def speech(self, services: Services, data: SpeechRequest) -> Response[bytes] | Stream:
-        spec = services.spec_for(data.model, Task.SPEECH)
+        spec = await services.spec_for(data.model, Task.SPEECH)
         text = data.input.strip()
         if not text:
             raise bad_request("input must not be empty", param="input")
@@ -225,7 +225,7 @@ class AudioController(Controller):
         """Voices of one speech model (`?model=`) or of every speech model whose files are on this
         machine, read from the models' voices files: listing voices never loads a model."""
         specs = (
-            [services.spec_for(model, Task.SPEECH)]
+            [await services.spec_for(model, Task.SPEECH)]
             if model
             else [services.catalog.specs[i] for i in services.catalog.ids(Task.SPEECH)]
         )

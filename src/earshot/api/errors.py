@@ -17,6 +17,7 @@ from litestar.openapi import ResponseSpec
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
     HTTP_401_UNAUTHORIZED,
+    HTTP_403_FORBIDDEN,
     HTTP_404_NOT_FOUND,
     HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     HTTP_500_INTERNAL_SERVER_ERROR,
@@ -33,6 +34,14 @@ from earshot.inference.errors import (
     ModelLoadTimeout,
     RequestError,
     UnknownModel,
+)
+from earshot.models.errors import (
+    CatalogFull,
+    HubModelNotFound,
+    HubModelsDisabled,
+    HubUnreachable,
+    ModelResolutionError,
+    NotServable,
 )
 
 log = logging.getLogger("earshot.api")
@@ -63,6 +72,7 @@ def _spec(description: str) -> ResponseSpec:
 ERROR_RESPONSES: dict[int, ResponseSpec] = {
     400: _spec("Invalid request: bad field, unreadable audio, wrong model for the task"),
     401: _spec("Missing or wrong API key (when api_key is set)"),
+    403: _spec("A hub id the catalog does not list: max_catalog_models reached, or allow_hub_models off"),
     404: _spec("Unknown model"),
     413: _spec("Request body over max_upload_bytes"),
     503: _spec("Cache full, too many waiting requests, or the model failed/timed out loading (Retry-After)"),
@@ -120,10 +130,26 @@ def _unavailable(message: str, code: str) -> APIError:
     )
 
 
+def _resolution(exc: ModelResolutionError) -> APIError:
+    """A hub id that could not join the catalog: 404 no such repo, 400 not a model earshot serves,
+    403 refused (cap, switch), 503 the Hub unreachable and the model not cached."""
+    if isinstance(exc, HubUnreachable):
+        return _unavailable(exc.message, exc.code)
+    status = {
+        HubModelNotFound: HTTP_404_NOT_FOUND,
+        NotServable: HTTP_400_BAD_REQUEST,
+        CatalogFull: HTTP_403_FORBIDDEN,
+        HubModelsDisabled: HTTP_403_FORBIDDEN,
+    }.get(type(exc), HTTP_404_NOT_FOUND)
+    return APIError(status, exc.message, param="model", code=exc.code)
+
+
 def from_exception(exc: Exception) -> APIError:
     """The envelope for any exception raised while handling a request."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ModelResolutionError):
+        return _resolution(exc)
     if isinstance(exc, UnknownModel):
         return model_not_found(exc.model or "", [])
     if isinstance(exc, ModelLoadTimeout):

@@ -83,14 +83,14 @@ def _check_load_body(body: LoadRequest | None) -> LoadRequest:
 
 
 async def _load(services: Services, name: str, body: LoadRequest | None) -> ModelSpec:
-    spec = services.spec_for(name)
+    spec = await services.ensure(name)
     body = _check_load_body(body)
     await services.inference.load(spec.id, keep_alive=body.keep_alive, pin=body.pin)
     return spec
 
 
 async def _unload(services: Services, name: str) -> Response[dict[str, Any]]:
-    spec = services.spec_for(name)
+    spec = services.known(name)  # never a hub lookup: what is not in the catalog is not loaded
     result = await services.inference.unload(spec.id)
     if result == "not_loaded":
         raise APIError(
@@ -123,7 +123,7 @@ class ModelsController(Controller):
 
     @get("/{model_id:path}", responses=ERROR_RESPONSES, summary="Describe a model")
     async def get_model(self, services: Services, model_id: ModelPath) -> dict[str, Any]:
-        spec = services.spec_for(_model_id(model_id))
+        spec = await services.ensure(_model_id(model_id))
         return model_object(services, spec, _statuses(services).get(spec.id))
 
     @post(

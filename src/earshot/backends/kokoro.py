@@ -6,7 +6,10 @@ once (onnxruntime sessions are thread-safe; kokoro-onnx serializes only espeak p
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import tempfile
 import threading
 from collections.abc import Iterator
 from fractions import Fraction
@@ -24,7 +27,8 @@ from earshot.backends.errors import (
     UnsupportedLanguage,
 )
 from earshot.cache.protocol import BackendOutOfMemory
-from earshot.models.hub import ModelFetchError, local_path
+from earshot.models.files import ONNX_PREFERRED
+from earshot.models.hub import cached_snapshot, download, local_path
 from earshot.options import MAX_SPEED, MIN_SPEED, SpeechOptions
 from earshot.types import ModelSpec
 
@@ -39,6 +43,8 @@ __all__ = [
 ]
 
 SAMPLE_RATE = 24000
+#: Floats per style vector of a Kokoro voice (a voice holds one per token position).
+STYLE_DIM = 256
 # kokoro-onnx accepts 0.5-2.0; beyond, the rest of the factor is applied with FFmpeg's atempo
 # (a pitch-preserving time stretch).
 _MODEL_MIN_SPEED = 0.5
@@ -289,8 +295,10 @@ def _find_files(path: Path, options: Any) -> tuple[Path, Path]:
     def pick(kind: str, candidates: list[Path], option: str, preferred: tuple[str, ...]) -> Path:
         chosen = options.get(option)
         if chosen:
-            target = (path / str(chosen)).resolve()
-            if not target.is_relative_to(path.resolve()) or not target.is_file():
+            # Contained by name, not by resolved path: HF cache snapshots are links into blobs/.
+            rel = Path(os.path.normpath(str(chosen)))
+            target = path / rel
+            if rel.is_absolute() or rel.parts[:1] == ("..",) or not target.is_file():
                 raise FileNotFoundError(f"{kind} file {chosen!r} not found in {path}")
             return target
         if len(candidates) == 1:
@@ -306,10 +314,42 @@ def _find_files(path: Path, options: Any) -> tuple[Path, Path]:
 
     onnx = sorted(path.rglob("*.onnx"))
     voices = sorted(p for p in path.rglob("voices*") if p.suffix in (".npz", ".bin") and p.is_file())
+    voice_dir = path / "voices"
+    if not voices and not options.get("voices_file") and voice_dir.is_dir() and any(voice_dir.glob("*.bin")):
+        # The Hub's ONNX exports (onnx-community/Kokoro-82M-*): one raw float32 file per voice
+        return pick("ONNX model", onnx, "onnx_file", ONNX_PREFERRED), voice_dir
     return (
-        pick("ONNX model", onnx, "onnx_file", ("model.onnx", "kokoro-v1.0.onnx")),
+        pick("ONNX model", onnx, "onnx_file", ONNX_PREFERRED),
         pick("voices", voices, "voices_file", ("voices.npz", "voices.bin", "voices-v1.0.bin")),
     )
+
+
+def _read_voices(voices_path: Path) -> dict[str, npt.NDArray[np.float32]]:
+    """Style arrays by voice name, from a voices .npz/.bin archive or a directory of per-voice .bin
+    files (raw little-endian float32, STYLE_DIM values per token position)."""
+    if not voices_path.is_dir():
+        with np.load(voices_path) as npz:
+            return {name: np.asarray(npz[name], dtype=np.float32) for name in npz.files}
+    styles: dict[str, npt.NDArray[np.float32]] = {}
+    for file in sorted(voices_path.glob("*.bin")):
+        data = np.fromfile(file, dtype="<f4")
+        if data.size == 0 or data.size % STYLE_DIM:
+            raise ValueError(f"{file.name}: not a Kokoro voice ({data.size} float32 values)")
+        styles[file.stem] = data.astype(np.float32).reshape(-1, 1, STYLE_DIM)
+    return styles
+
+
+@contextlib.contextmanager
+def _voices_archive(voices_path: Path, styles: dict[str, npt.NDArray[np.float32]]) -> Iterator[Path]:
+    """A voices archive kokoro_onnx can open: the file itself, or for a directory of per-voice files a
+    temporary .npz of them (removed once loaded: the handle keeps the arrays)."""
+    if not voices_path.is_dir():
+        yield voices_path
+        return
+    with tempfile.TemporaryDirectory(prefix="earshot-voices-") as tmp:
+        archive = Path(tmp) / "voices.npz"
+        np.savez(archive, **styles)  # type: ignore[arg-type]
+        yield archive
 
 
 class KokoroBackend:
@@ -340,6 +380,14 @@ class KokoroBackend:
             raise ValueError(f"unknown device {device!r} for Kokoro; expected auto, cpu or cuda")
         return "cpu", ["CPUExecutionProvider"]
 
+    def fetch(
+        self, spec: ModelSpec, *, timeout: float | None = None, cancel: threading.Event | None = None
+    ) -> None:
+        """Download what `load` needs (a hub model's files, into the HF cache); a no-op for a local
+        model. The cache calls it before `load`, under model_download_timeout; `timeout` / `cancel`
+        stop a download in progress at its next chunk."""
+        download(spec, timeout=timeout, cancel=cancel)
+
     def load(self, spec: ModelSpec) -> KokoroHandle:
         import onnxruntime as ort
         from kokoro_onnx import Kokoro
@@ -350,8 +398,7 @@ class KokoroBackend:
         onnx_path, voices_path = _find_files(path, spec.options)
         device, providers = self._providers(str(spec.options.get("device", self.device)))
         lang = str(spec.options.get("lang", self.default_lang))
-        with np.load(voices_path) as npz:
-            styles = {name: np.asarray(npz[name], dtype=np.float32) for name in npz.files}
+        styles = _read_voices(voices_path)
         if not styles:
             raise ValueError(f"model {spec.id!r}: {voices_path.name} holds no voices")
         opts = ort.SessionOptions()
@@ -360,7 +407,8 @@ class KokoroBackend:
             opts.intra_op_num_threads = threads
         try:
             session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
-            kokoro = Kokoro.from_session(session, str(voices_path))
+            with _voices_archive(voices_path, styles) as archive:
+                kokoro = Kokoro.from_session(session, str(archive))
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise BackendOutOfMemory(f"{spec.id}: out of memory loading on {device}: {exc}") from exc
@@ -385,12 +433,17 @@ class KokoroBackend:
         return spec_footprint(spec)
 
     def voices(self, spec: ModelSpec) -> list[str]:
-        """The model's voices, read from its voices file (the names in the npz archive): no load.
-        [] while the model's files are not on this machine (a Hub model not downloaded yet)."""
-        try:
-            path = Path(local_path(spec, download=False))
-            _, voices_path = _find_files(path, spec.options)
-        except (ModelFetchError, OSError, ValueError):
+        """The model's voices, named by its voices file (the names in the archive, or the per-voice
+        files of a voices/ directory): nothing is loaded or downloaded. [] while the model's files are
+        not on this machine (a Hub model not downloaded yet)."""
+        path = spec.path if spec.path is not None else cached_snapshot(spec)
+        if path is None:
             return []
-        with np.load(voices_path) as npz:
-            return sorted(npz.files)
+        try:
+            _, voices_path = _find_files(Path(path), spec.options)
+            if voices_path.is_dir():
+                return sorted(f.stem for f in voices_path.glob("*.bin"))
+            with np.load(voices_path) as npz:
+                return sorted(npz.files)
+        except (OSError, ValueError):
+            return []

@@ -25,7 +25,7 @@ from earshot.backends.errors import (
     UnsupportedTask,
 )
 from earshot.cache.protocol import BackendOutOfMemory
-from earshot.models.hub import local_path
+from earshot.models.hub import download, local_path
 from earshot.options import TRANSCRIPTION_SAMPLE_RATE, TranscribeOptions
 from earshot.types import ModelSpec, Segment, Transcript, Word
 
@@ -233,6 +233,14 @@ class WhisperBackend:
         self.compute_type = compute_type
         self.cpu_threads = cpu_threads
         self.num_workers = num_workers
+
+    def fetch(
+        self, spec: ModelSpec, *, timeout: float | None = None, cancel: threading.Event | None = None
+    ) -> None:
+        """Download what `load` needs (a hub model's files, into the HF cache); a no-op for a local
+        model. The cache calls it before `load`, under model_download_timeout; `timeout` / `cancel`
+        stop a download in progress at its next chunk."""
+        download(spec, timeout=timeout, cancel=cancel)
 
     def load(self, spec: ModelSpec) -> WhisperHandle:
         from faster_whisper import WhisperModel

@@ -4,7 +4,8 @@ Sources, merged in this order (a later source never replaces an earlier id):
   1. entries of config.yaml `models:` (an explicit local path, or a Hugging Face repo);
   2. directories under `models_dir`, recognised by their files (faster-whisper: model.bin +
      config.json; Kokoro: *.onnx + a voices file); the id is the directory name;
-  3. well-known Hugging Face repos (`builtin_hub_models`), fetched on first use.
+  3. well-known Hugging Face repos (`builtin_hub_models`), fetched on first use;
+  4. at run time, hub repos resolved on demand (`earshot.models.resolver`), added with `add()`.
 
 Client input is only ever looked up in this catalog: an id never becomes a file path. Directory
 names found on disk are checked too (`safe_model_dir`), so nothing resolves outside models_dir.
@@ -16,20 +17,28 @@ import difflib
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-from earshot.models.hub import KNOWN_HUB_MODELS, cached_repo_sizes
 from earshot.types import ModelSpec, Task
+from earshot.models.files import VOICE_FILE_PATTERNS, list_dir, task_from_files
+from earshot.models.hub import KNOWN_HUB_MODELS, KNOWN_HUB_OPTIONS, cached_repo_sizes
 
 log = logging.getLogger("earshot.models")
 
 # A local model id is one path component of these characters (no separators, no "..").
 _LOCAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-VOICE_FILE_PATTERNS = ("voices*.npz", "voices*.bin")
+__all__ = [
+    "VOICE_FILE_PATTERNS",
+    "Catalog",
+    "UnsafeModelId",
+    "build_catalog",
+    "detect_task",
+    "safe_model_dir",
+]
 
 
 class UnsafeModelId(ValueError):
@@ -50,16 +59,13 @@ def safe_model_dir(models_dir: Path, model_id: str) -> Path:
 
 
 def detect_task(directory: Path) -> Task | None:
-    """What the files in `directory` are: a faster-whisper model, a Kokoro model, or neither."""
-    if (directory / "model.bin").is_file() and (directory / "config.json").is_file():
-        return Task.TRANSCRIPTION
-    if any(directory.glob("*.onnx")) and any(p for pat in VOICE_FILE_PATTERNS for p in directory.glob(pat)):
-        return Task.SPEECH
-    return None
+    """What the files in `directory` are: a faster-whisper model, a Kokoro model, or neither (the
+    rules of `earshot.models.files`, the same for hub repos)."""
+    return task_from_files(list_dir(directory))
 
 
 def _dir_size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+    return sum((directory / name).stat().st_size for name in list_dir(directory))
 
 
 def task_from_repo(repo: str) -> Task | None:
@@ -71,30 +77,55 @@ def task_from_repo(repo: str) -> Task | None:
     return None
 
 
-@dataclass(frozen=True)
 class Catalog:
-    """Models by canonical id, and aliases (public names) to canonical ids."""
+    """Models by canonical id, and aliases (public names) to canonical ids.
 
-    specs: Mapping[str, ModelSpec]
-    aliases: Mapping[str, str] = field(default_factory=dict)
+    Built at start-up; hub models resolved on demand join it later with `add()` (on the event loop,
+    like every read of it). `on_add` callbacks (metric series) hear of each added model."""
+
+    def __init__(self, specs: Mapping[str, ModelSpec], aliases: Mapping[str, str] | None = None) -> None:
+        self._specs: dict[str, ModelSpec] = dict(specs)
+        self.aliases: Mapping[str, str] = dict(aliases or {})
+        self._listeners: list[Callable[[ModelSpec], None]] = []
+        self.added: list[str] = []  # ids added at run time, in order
+
+    @property
+    def specs(self) -> Mapping[str, ModelSpec]:
+        return MappingProxyType(self._specs)
 
     def resolve(self, name: str) -> ModelSpec | None:
         """The model a client's name means (an id or an alias), or None. Never touches the disk."""
-        spec = self.specs.get(name)
+        spec = self._specs.get(name)
         if spec is None and name in self.aliases:
-            spec = self.specs.get(self.aliases[name])
+            spec = self._specs.get(self.aliases[name])
         return spec
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.resolve(name) is not None
 
     def ids(self, task: Task | None = None) -> list[str]:
-        return sorted(i for i, s in self.specs.items() if task is None or s.task == task)
+        return sorted(i for i, s in self._specs.items() if task is None or s.task == task)
 
     def close_matches(self, name: str, n: int = 3) -> list[str]:
         """Known ids and aliases that look like `name`, for a helpful 404."""
-        candidates = [*self.specs, *self.aliases]
+        candidates = [*self._specs, *self.aliases]
         return difflib.get_close_matches(name[:200], candidates, n=n, cutoff=0.5)
+
+    def add(self, spec: ModelSpec) -> ModelSpec:
+        """Add a model found at run time (a hub repo resolved on demand); the one already listed
+        under that id wins. Listeners are told of a model really added."""
+        existing = self.resolve(spec.id)
+        if existing is not None:
+            return existing
+        self._specs[spec.id] = spec
+        self.added.append(spec.id)
+        for listener in list(self._listeners):
+            listener(spec)
+        return spec
+
+    def on_add(self, listener: Callable[[ModelSpec], None]) -> None:
+        """Call `listener(spec)` for every model added from now on."""
+        self._listeners.append(listener)
 
 
 def _config_specs(entries: Iterable[Any], hub_sizes: Mapping[str, int]) -> dict[str, ModelSpec]:
@@ -200,7 +231,14 @@ def build_catalog(
         for repo, task in KNOWN_HUB_MODELS.items():
             specs.setdefault(
                 repo,
-                ModelSpec(id=repo, task=task, source="hf", repo_id=repo, size_bytes=hub_sizes.get(repo, 0)),
+                ModelSpec(
+                    id=repo,
+                    task=task,
+                    source="hf",
+                    repo_id=repo,
+                    options=dict(KNOWN_HUB_OPTIONS.get(repo, {})),
+                    size_bytes=hub_sizes.get(repo, 0),
+                ),
             )
     resolved: dict[str, str] = {}
     for name, targets in load_aliases(aliases_file).items():

@@ -8,9 +8,9 @@ for the snapshot.
 
 Which series exist:
 - `earshot_model_loaded{model,task}`: one series per *catalog* model, always: 1 while loaded, 0
-  otherwise (an evicted model reads 0). The catalog is bounded and fixed at start-up, so this is a
-  known, small set of series, and `sum(earshot_model_loaded)` / `earshot_model_loaded == 0` need no
-  `or vector(0)` tricks.
+  otherwise (an evicted model reads 0). The catalog is bounded (hub ids join it on demand, up to
+  max_catalog_models), so this is a known, small set of series, and `sum(earshot_model_loaded)` /
+  `earshot_model_loaded == 0` need no `or vector(0)` tricks.
 - `earshot_model_loads_in_progress`, `earshot_model_idle_seconds`, `earshot_model_expires_in_seconds`
   (only while an expiry is scheduled), `earshot_model_in_use`, `earshot_model_memory_bytes`: only
   for models the cache holds right now (loaded or loading); they disappear when a model is evicted.
@@ -73,8 +73,14 @@ class CacheStateCollector(Collector):
 
     def __init__(self, cache: SnapshotSource, catalog: Catalog) -> None:
         self._cache = cache
+        self._catalog_source = catalog
+        self._refresh()
+        catalog.on_add(self._refresh)  # a hub id resolved on demand gets its series once added
+
+    def _refresh(self, _: object = None) -> None:
+        """Label values prepared once per catalog change (start-up, and each model added later)."""
+        catalog = self._catalog_source
         specs = catalog.specs
-        # Label values prepared once: the catalog is fixed for the life of the app.
         self._catalog: tuple[tuple[str, str], ...] = tuple((i, specs[i].task.value) for i in catalog.ids())
         self._ids = frozenset(specs)
 

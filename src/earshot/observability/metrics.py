@@ -37,6 +37,7 @@ from earshot.cache.events import (
     LoadStarted,
     Miss,
 )
+from earshot.cache.protocol import ModelSpec
 from earshot.models.catalog import Catalog
 
 log = logging.getLogger("earshot.observability")
@@ -126,17 +127,24 @@ class CacheMetrics:
         }
 
     def bind(self, catalog: Catalog) -> None:
-        """Accept events and inferences of `catalog`'s models (by canonical id) from now on."""
-        self._tasks = {model_id: spec.task.value for model_id, spec in catalog.specs.items()}
+        """Accept events and inferences of `catalog`'s models (by canonical id) from now on, and of
+        each model the catalog adds later (a hub id resolved on demand) once it is added."""
+        self._tasks = {}
+        for spec in catalog.specs.values():
+            self._add_model(spec)
+        catalog.on_add(self._add_model)
+
+    def _add_model(self, spec: ModelSpec) -> None:
+        tasks = self._tasks if self._tasks is not None else {}
+        self._tasks = {**tasks, spec.id: spec.task.value}
         reasons = [EvictionReason.CAPACITY]
         if self.memory_budget:
             reasons.append(EvictionReason.MEMORY)  # only a budget evicts for memory
-        for model_id, task in self._tasks.items():
-            for kind in LoadFailureKind:
-                self.loads.labels(model_id, task, kind.value)
-            for reason in reasons:
-                self.evictions.labels(model_id, reason.value)
-            self.reloads.labels(model_id)
+        for kind in LoadFailureKind:
+            self.loads.labels(spec.id, spec.task.value, kind.value)
+        for reason in reasons:
+            self.evictions.labels(spec.id, reason.value)
+        self.reloads.labels(spec.id)
 
     def task_of(self, model: str) -> str | None:
         """The catalog task of `model`, or None when it must not become a label."""
