@@ -31,6 +31,7 @@ from earshot.cache.state import CacheConfig
 from earshot.models.catalog import build_catalog
 from earshot.observability import Observability
 from earshot.settings import Settings, load_settings
+from earshot.ui.routes import ui_router
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -124,6 +125,7 @@ def create_app(
             ready,
             config,
             *obs.route_handlers,
+            ui_router(api_key_required=settings.api_key is not None),
         ],
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
