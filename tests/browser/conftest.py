@@ -81,10 +81,11 @@ def screenshot_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def open_tab(browser: Any, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Tab]]:
-    """open_tab(url) -> Tab: a fresh browser context (its own sessionStorage) at `url`."""
+    """open_tab(url, wait_ready=True, before=None) -> Tab: a fresh browser context (its own
+    sessionStorage) at `url`; `before(page)` runs before the page is opened."""
     tabs: list[tuple[Any, Tab]] = []
 
-    def open_(url: str, *, wait_ready: bool = True) -> Tab:
+    def open_(url: str, *, wait_ready: bool = True, before: Callable[[Any], None] | None = None) -> Tab:
         context = browser.new_context(viewport=VIEWPORT)
         page = context.new_page()
         console = Console()
@@ -92,6 +93,8 @@ def open_tab(browser: Any, request: pytest.FixtureRequest, tmp_path: Path) -> It
         page.on("pageerror", lambda e: console.errors.append(f"uncaught: {e}"))
         tab = Tab(page, console)
         tabs.append((context, tab))
+        if before is not None:
+            before(page)  # e.g. page.route(...) for the page's first requests
         page.goto(url)
         if wait_ready:
             page.wait_for_selector("body[data-ready=true]", timeout=30_000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,6 +134,37 @@ def test_unload_from_outside_shows_within_2s(open_tab: Any, server: Server) -> N
     # ... and a load from outside too
     client.post(f"/api/ps/{TINY}", json={}).raise_for_status()
     page.wait_for_selector(row(TINY) + "[data-state=loaded]", timeout=2_000)
+
+
+def test_reconnect_replays_missed_events_with_last_event_id(open_tab: Any, server: Server) -> None:
+    """The first event stream ends at once; a load happens before the page reconnects; the
+    reconnect sends Last-Event-ID and the replayed events fill the timeline."""
+    client = server.client()
+    if any(m["model"] == BASE for m in client.get("/api/ps").json()["models"]):
+        client.delete(f"/api/ps/{BASE}")
+    seen: list[str | None] = []
+
+    def handle(route: Any) -> None:
+        seen.append(route.request.headers.get("last-event-id"))
+        if len(seen) == 1:
+            client.post(f"/api/ps/{BASE}", json={}).raise_for_status()  # while the page is away
+            route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=": bye\n\n")
+        else:
+            route.continue_()
+
+    events_before = client.get("/api/events").json()["events"]
+    last_before = events_before[-1]["id"] if events_before else 0
+    page = open_tab(
+        server.url + "/ui", before=lambda p: p.route(re.compile(r"/api/events\?stream=true"), handle)
+    ).page
+    page.wait_for_selector(f"#timeline li[data-event=model_loaded]:has-text('{BASE}')", timeout=20_000)
+    page.wait_for_selector("#conn[data-state=live]", timeout=20_000)
+    assert len(seen) == 2, seen
+    assert seen[0] is not None
+    assert int(seen[0]) == last_before  # from the JSON read before it
+    assert seen[1] is not None
+    assert int(seen[1]) >= last_before
+    page.wait_for_selector(row(BASE) + "[data-state=loaded]", timeout=5_000)
 
 
 # ---------------------------------------------------------------------- playground

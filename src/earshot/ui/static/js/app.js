@@ -65,12 +65,16 @@ async function startApp(keyRequired) {
     onRecord: (record, how) => {
       events.add(record, how);
       if (record.model) models.onEvent(record);
+      else if (record.event === "events_dropped") models.scheduleRefresh(0);
       if (!renderQueued) {
         renderQueued = true;
         setTimeout(() => { renderQueued = false; events.render(); }, 50);
       }
     },
-    onState: setConnection,
+    onState: (state, { reconnected } = {}) => {
+      setConnection(state);
+      if (reconnected) models.scheduleRefresh(0); // whatever the replay cannot tell (a release)
+    },
     onAuthError: (e) => showError(e),
   });
   await stream.start();
