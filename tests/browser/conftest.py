@@ -5,8 +5,8 @@ against real earshot servers on 127.0.0.1.
 Outside CI the tests skip when /usr/bin/chromium is absent; under CI=true they run (and fail
 without it). Every page fails its test on any console error or uncaught exception, unless the
 test names the message it expects. Each test saves a screenshot of its page(s) at the end, into
-$EARSHOT_SCREENSHOTS when set (the README's pictures: `EARSHOT_SCREENSHOTS=docs/screenshots`),
-else into the test's temporary directory.
+$EARSHOT_SCREENSHOTS when set, else into the test's temporary directory; with
+EARSHOT_README_SCREENSHOTS=1 three of them also replace the README's (docs/screenshots/).
 """
 
 from __future__ import annotations
@@ -33,6 +33,14 @@ CHROMIUM_ARGS = [
     "--autoplay-policy=no-user-gesture-required",
 ]
 VIEWPORT = {"width": 1480, "height": 860}
+REPO = Path(__file__).resolve().parents[2]
+# The README's pictures: the last view of these tests' first tab. Refresh them with
+# `EARSHOT_README_SCREENSHOTS=1 .venv/bin/pytest tests/browser` (then commit docs/screenshots/).
+README_SHOTS = {
+    "test_capacity_evictions_and_thrashing_in_the_timeline": "console-cache.png",
+    "test_upload_jfk_shows_the_sentence[stream]": "console-playground.png",
+    "test_many_models_and_1000_events_keep_the_page_bounded": "console-53-models.png",
+}
 
 
 @pytest.fixture(scope="session")
@@ -107,6 +115,8 @@ def open_tab(browser: Any, request: pytest.FixtureRequest, tmp_path: Path) -> It
         suffix = "" if i == 0 else f"-{i + 1}"
         try:
             tab.page.screenshot(path=str(shots / f"{name}{suffix}.png"))
+            if i == 0 and name in README_SHOTS and os.environ.get("EARSHOT_README_SCREENSHOTS") == "1":
+                tab.page.screenshot(path=str(REPO / "docs" / "screenshots" / README_SHOTS[name]))
         finally:
             context.close()
     problems = [e for _, tab in tabs for e in tab.console.unexpected()]
