@@ -31,6 +31,9 @@ CHROMIUM_ARGS = [
     # The synthesized speech starts playing when it arrives (a click started it, but the fetch
     # in between can outlast the click's user activation).
     "--autoplay-policy=no-user-gesture-required",
+    # A fake microphone (a generated tone) that needs no permission prompt: the record button.
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
 ]
 VIEWPORT = {"width": 1480, "height": 860}
 REPO = Path(__file__).resolve().parents[2]

@@ -188,6 +188,24 @@ def test_upload_jfk_shows_the_sentence(open_tab: Any, server: Server, jfk_flac: 
     assert contains_run(words(text), JFK_WORDS), text
 
 
+def test_record_from_the_microphone_and_transcribe(open_tab: Any, server: Server) -> None:
+    """Chromium's fake microphone (a tone): the recording is uploaded as WebM/Opus and transcribed
+    without an error (what Whisper hears in a tone is its own business)."""
+    page = open_tab(server.url + "/ui").page
+    page.click("#tabs button[data-tab=playground]")
+    page.click("#stt-record")
+    page.wait_for_selector("#stt-record:has-text('Stop')", timeout=10_000)
+    page.wait_for_timeout(1500)
+    page.click("#stt-record")
+    page.wait_for_function(
+        "() => document.getElementById('stt-recorded').textContent.startsWith('recorded')", timeout=10_000
+    )
+    page.select_option("#stt-model", TINY)
+    page.click("#stt-submit")
+    page.wait_for_selector("#stt-output[data-done=true]", timeout=120_000)
+    assert page.locator("#stt-status").inner_text().startswith("done in")
+
+
 def test_speech_plays(open_tab: Any, server: Server) -> None:
     page = open_tab(server.url + "/ui").page
     page.click("#tabs button[data-tab=playground]")
