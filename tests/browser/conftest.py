@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 README_SHOTS = {
     "test_capacity_evictions_and_thrashing_in_the_timeline": "console-cache.png",
     "test_upload_jfk_shows_the_sentence[stream]": "console-playground.png",
-    "test_many_models_and_1000_events_keep_the_page_bounded": "console-53-models.png",
+    "test_many_models_and_1000_events_keep_the_page_bounded": "console-54-models.png",
 }
 
 

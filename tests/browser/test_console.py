@@ -54,8 +54,16 @@ def key_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @pytest.fixture(scope="module")
 def big_catalog_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The demo models plus 50 config.yaml `models:` entries (copies of tiny.en's directory)."""
+    """The demo models plus 50 config.yaml `models:` entries (tiny.en's directory under other ids),
+    and one whose model.bin is cut short (its loads fail)."""
     entries = [{"id": f"tiny-copy-{i:02d}", "path": str(models_dir / TINY)} for i in range(50)]
+    broken = tmp_path_factory.mktemp("broken-tiny")
+    for f in (models_dir / TINY).iterdir():
+        if f.is_file() and f.name != "model.bin":
+            (broken / f.name).write_bytes(f.read_bytes())
+    with (models_dir / TINY / "model.bin").open("rb") as whole:
+        (broken / "model.bin").write_bytes(whole.read(1 << 20))
+    entries.append({"id": "broken-tiny", "path": str(broken)})
     with run_server(models_dir, tmp_path_factory.mktemp("ui-big"), models=entries) as srv:
         yield srv
 
@@ -258,9 +266,22 @@ def test_capacity_evictions_and_thrashing_in_the_timeline(open_tab: Any, capacit
     page.click("#tabs button[data-tab=cache]")
 
 
+def test_a_failed_load_shows_with_its_reason(open_tab: Any, big_catalog_server: Server) -> None:
+    page = open_tab(big_catalog_server.url + "/ui").page
+    response = big_catalog_server.client().post("/api/ps/broken-tiny", json={})  # from outside
+    assert response.status_code >= 500
+    page.wait_for_selector(row("broken-tiny") + "[data-state=failed]", timeout=10_000)
+    failed = page.locator("#timeline li[data-event=model_load_failed]").first
+    assert "broken-tiny" in failed.inner_text()
+    assert "failure" in failed.inner_text()
+    assert page.locator(row("broken-tiny") + " .state").get_attribute("title")  # the message
+    assert page.locator("#event-counts [data-count='failed loads'] dd").inner_text() == "1"
+    assert page.locator(row("broken-tiny") + " button.load").is_visible()  # can be retried
+
+
 def test_many_models_and_1000_events_keep_the_page_bounded(open_tab: Any, big_catalog_server: Server) -> None:
     page = open_tab(big_catalog_server.url + "/ui").page
-    assert page.locator("#models tbody tr").count() == 53
+    assert page.locator("#models tbody tr").count() == 54
     page.check("#show-requests")
     before = page.evaluate("document.getElementsByTagName('*').length")
     client = big_catalog_server.client()
@@ -306,6 +327,7 @@ def test_api_key_prompt_wrong_key_then_right_key(open_tab: Any, key_server: Serv
     assert page.locator("#auth").is_hidden()
     assert page.locator(row(TINY)).count() == 1
     assert page.evaluate("sessionStorage.getItem('earshot.apiKey')") == API_KEY
+    assert page.evaluate("localStorage.length") == 0  # for the tab only, never kept on disk
     # The event stream carries the key too: a load from outside shows up.
     key_server.client().post(f"/api/ps/{TINY}", json={}).raise_for_status()
     page.wait_for_selector(row(TINY) + "[data-state=loaded]", timeout=5_000)
