@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install the system tools the ops and end-to-end tests need, when missing:
+# Install the system tools the ops, end-to-end and browser tests need, when missing:
 #   promtool, prometheus            (Debian package "prometheus")
 #   amtool, prometheus-alertmanager (Debian package "prometheus-alertmanager")
-# Idempotent: does nothing (and prints nothing) when all four are on PATH. Uses sudo only when not
+#   /usr/bin/chromium               (Debian package "chromium", driven by Playwright in tests/browser/)
+# Idempotent: does nothing (and prints nothing) when all of them are there. Uses sudo only when not
 # root. Debian/Ubuntu (apt-get) only; elsewhere it says what to install and fails.
 set -euo pipefail
 
@@ -11,12 +12,18 @@ declare -A package_of=(
   [prometheus]=prometheus
   [amtool]=prometheus-alertmanager
   [prometheus-alertmanager]=prometheus-alertmanager
+  # An absolute path: the browser tests launch exactly this binary (Playwright's executable_path).
+  [/usr/bin/chromium]=chromium
 )
 
 missing_packages() {
   local cmd
   for cmd in "${!package_of[@]}"; do
-    command -v "$cmd" >/dev/null 2>&1 || echo "${package_of[$cmd]}"
+    if [[ $cmd == /* ]]; then
+      [ -x "$cmd" ] || echo "${package_of[$cmd]}"
+    else
+      command -v "$cmd" >/dev/null 2>&1 || echo "${package_of[$cmd]}"
+    fi
   done | sort -u
 }
 
@@ -26,7 +33,7 @@ mapfile -t packages < <(missing_packages)
 [ "${#packages[@]}" -eq 0 ] && exit 0
 
 command -v apt-get >/dev/null 2>&1 \
-  || die "need ${packages[*]} (promtool, amtool, prometheus, prometheus-alertmanager) and there is no apt-get; install them with your package manager"
+  || die "need ${packages[*]} (promtool, amtool, prometheus, prometheus-alertmanager, chromium) and there is no apt-get; install them with your package manager"
 
 sudo=()
 if [ "$(id -u)" -ne 0 ]; then

@@ -40,6 +40,7 @@ from earshot.models.resolver import HubResolver, resolve_preload
 from earshot.observability import Observability
 from earshot.observability.collector import render
 from earshot.settings import Settings, load_settings
+from earshot.ui.routes import ui_router
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -134,6 +135,7 @@ def create_app(
             config,
             metrics_handler(cache.snapshot, functools.partial(render, obs.registry), workers.run_work),
             events_router(obs.events, keepalive=sse_keepalive),
+            ui_router(api_key_required=settings.api_key is not None),
         ],
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
