@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from earshot.models.files import dir_size
 from earshot.types import ModelSpec
 
 _OOM_MARKERS = (
@@ -23,22 +22,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return any(marker in text for marker in _OOM_MARKERS)
-
-
-def dir_size(path: Path) -> int:
-    """Total size of the regular files under `path` (symlinks followed: HF snapshots link to blobs)."""
-    total = 0
-    try:
-        entries = list(path.rglob("*"))
-    except OSError:
-        return 0
-    for entry in entries:
-        try:
-            if entry.is_file():
-                total += entry.stat().st_size
-        except OSError:
-            continue
-    return total
 
 
 def spec_footprint(spec: ModelSpec) -> int:

@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from earshot.types import ModelSpec, Task
-from earshot.models.files import VOICE_FILE_PATTERNS, list_dir, task_from_files
+from earshot.models.files import VOICE_FILE_PATTERNS, dir_size, list_dir, task_from_files
 from earshot.models.hub import KNOWN_HUB_MODELS, KNOWN_HUB_OPTIONS, cached_repo_sizes
 
 log = logging.getLogger("earshot.models")
@@ -62,10 +62,6 @@ def detect_task(directory: Path) -> Task | None:
     """What the files in `directory` are: a faster-whisper model, a Kokoro model, or neither (the
     rules of `earshot.models.files`, the same for hub repos)."""
     return task_from_files(list_dir(directory))
-
-
-def _dir_size(directory: Path) -> int:
-    return sum((directory / name).stat().st_size for name in list_dir(directory))
 
 
 def task_from_repo(repo: str) -> Task | None:
@@ -151,7 +147,7 @@ def _config_specs(entries: Iterable[Any], hub_sizes: Mapping[str, int]) -> dict[
                 options=dict(entry.options),
                 pin=entry.pin,
                 idle_timeout=entry.idle_timeout,
-                size_bytes=_dir_size(path),
+                size_bytes=dir_size(path),
             )
         else:
             task = entry.task or task_from_repo(entry.repo)
@@ -190,7 +186,7 @@ def discover_local(models_dir: Path) -> dict[str, ModelSpec]:
         if task is None:
             continue
         specs[child.name] = ModelSpec(
-            id=child.name, task=task, source="local", path=path, size_bytes=_dir_size(path)
+            id=child.name, task=task, source="local", path=path, size_bytes=dir_size(path)
         )
     return specs
 

@@ -135,3 +135,20 @@ def hub_options(task: Task, paths: Iterable[str]) -> dict[str, Any]:
     if chosen is None or (len(files.onnx) == 1 and "/" not in chosen):
         return {}
     return {"onnx_file": chosen}
+
+
+def dir_size(path: Path) -> int:
+    """Total size of the regular files under `path`, subdirectories included (symlinks followed: HF
+    snapshots link to blobs); 0 for what cannot be read. The footprint estimate of a local model."""
+    total = 0
+    try:
+        entries = list(path.rglob("*"))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file():
+                total += entry.stat().st_size
+        except OSError:
+            continue
+    return total
