@@ -34,14 +34,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from earshot.cache.entry import Entry, EntryState, Table
 from earshot.cache.events import CacheEvent
 from earshot.cache.manager import ModelCache
-from earshot.cache.protocol import BackendOutOfMemory, ModelSpec, Task
+from earshot.cache.protocol import BackendOutOfMemory, BlockingRunner, ModelSpec, Task
+from earshot.cache.runner import ExecutorRunner
 from earshot.cache.state import CacheConfig
 
 E = TypeVar("E", bound=CacheEvent)
 
 __all__ = [
+    "LOOP_EXECUTOR",
     "CacheHarness",
     "Catalog",
     "EventRecorder",
@@ -54,6 +57,7 @@ __all__ = [
     "ManualExecutor",
     "cache_harness",
     "eventually",
+    "make_entry",
     "make_spec",
 ]
 
@@ -432,6 +436,44 @@ def make_spec(model_id: str, task: Task = Task.TRANSCRIPTION, **fields: Any) -> 
     return ModelSpec(id=model_id, task=task, source="local", **fields)
 
 
+_PATH = {
+    EntryState.ADMITTING: (),
+    EntryState.LOADING: (EntryState.LOADING,),
+    EntryState.LOADED: (EntryState.LOADING, EntryState.LOADED),
+    EntryState.EVICTING: (EntryState.LOADING, EntryState.LOADED, EntryState.EVICTING),
+}
+
+
+def make_entry(
+    model_id: str,
+    size: int,
+    *,
+    state: EntryState = EntryState.LOADED,
+    refs: int = 0,
+    pending: int = 0,
+    pinned: bool | None = None,
+    table: Table | None = None,
+    now: float = 0.0,
+) -> Entry:
+    """An `Entry` in `state`, reached through the state machine's own transitions, with `size` as
+    its footprint estimate, for tests of the pure parts (planning, expiry). Its `load_done` future
+    belongs to a loop closed at once: don't await it."""
+    table = table if table is not None else Table()
+    loop = asyncio.new_event_loop()
+    try:
+        entry = table.create(make_spec(model_id), FakeBackend(), now=now, fetch=False, loop=loop)
+    finally:
+        loop.close()
+    table.estimates[model_id] = size
+    if pinned is not None:
+        table.pins[model_id] = pinned
+    for step in _PATH[state]:
+        entry.to(step)
+    entry.refs = refs
+    entry.pending = pending
+    return entry
+
+
 class Catalog:
     """A `resolve` callable over a fixed set of specs, with optional aliases."""
 
@@ -462,16 +504,24 @@ class CacheHarness:
         return [m.id for m in self.cache.snapshot().models if m.loaded]
 
 
+# The cache's blocking work on the event loop's default executor, so that a test can set an
+# `InlineExecutor` or `ManualExecutor` there and decide when worker jobs finish.
+LOOP_EXECUTOR: BlockingRunner = ExecutorRunner(None)
+
+
 def cache_harness(
     models: Iterable[str | ModelSpec] = ("a", "b", "c", "d"),
     *,
     backend: FakeBackend | None = None,
     clock: FakeClock | None = None,
     aliases: Mapping[str, str] | None = None,
+    runner: BlockingRunner | None = LOOP_EXECUTOR,
     **config: Any,
 ) -> CacheHarness:
     """Build a cache over `models` (ids or specs, transcription task) with a FakeBackend, a FakeClock,
     an EventRecorder, and a no-op `release_memory` (no full gc per unload). `config` goes to CacheConfig.
+    The blocking work runs on the loop's default executor (`LOOP_EXECUTOR`); `runner=None` gives
+    the cache's own pool (its default), any other runner is passed on.
     """
     specs = [m if isinstance(m, ModelSpec) else make_spec(m) for m in models]
     backend = backend if backend is not None else FakeBackend()
@@ -486,5 +536,6 @@ def cache_harness(
         clock=clock,
         memory_probe=backend.memory,
         release_memory=lambda: None,
+        runner=runner,
     )
     return CacheHarness(cache, backend, clock, events, catalog)
