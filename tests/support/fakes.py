@@ -5,6 +5,7 @@
   (`fail_next`) or out of memory (`oom_next`). It counts load attempts, successful loads and
   unloads, and records every handle it unloaded, so a test can check that nothing in use was ever
   unloaded and nothing was leaked.
+- `FetchingBackend` adds the optional download phase (`fetch`), blockable and failing on demand.
 - `FakeMemory` is a per-device byte counter the backends add to on load and subtract from on
   unload; it is also a `MemoryProbe` (call it), so the cache measures exact footprints.
 - `FakeClock` implements the cache's `Clock`: time moves only when a test calls `advance()`, which
@@ -53,6 +54,7 @@ __all__ = [
     "FakeHandle",
     "FakeLoadError",
     "FakeMemory",
+    "FetchingBackend",
     "InlineExecutor",
     "ManualExecutor",
     "cache_harness",
@@ -141,11 +143,13 @@ class FakeBackend:
         self.unloaded: list[FakeHandle] = []  # in unload order
         self.started: list[str] = []  # model ids, in the order their load calls began
         self.unloads_started: list[str] = []  # model ids, in the order their unload calls began
+        self.threads: list[tuple[str, str]] = []  # (method, thread name) of every backend call
 
     # -------------------------------------------------------------- Backend protocol
 
     def load(self, spec: ModelSpec) -> FakeHandle:
         with self._lock:
+            self.threads.append(("load", threading.current_thread().name))
             self.load_calls[spec.id] += 1
             self.started.append(spec.id)
             gate = self._blocked.get(spec.id) or self._blocked.get(None)
@@ -167,6 +171,7 @@ class FakeBackend:
 
     def unload(self, handle: FakeHandle) -> None:
         with self._lock:
+            self.threads.append(("unload", threading.current_thread().name))
             self.unloads_started.append(handle.model_id)
         gate = self._unload_gate
         if gate is not None and not gate.wait(timeout=30):
@@ -182,6 +187,8 @@ class FakeBackend:
             self.memory.add(handle.device, -handle.footprint)
 
     def footprint(self, spec: ModelSpec) -> int:
+        with self._lock:
+            self.threads.append(("footprint", threading.current_thread().name))
         return self.estimates.get(spec.id, self.footprints.get(spec.id, self.default_footprint))
 
     # -------------------------------------------------------------- control
@@ -252,6 +259,51 @@ class FakeBackend:
         await eventually(
             started, timeout=timeout, what=f"{count} load(s) of {model_id or 'any model'} to start"
         )
+
+
+class FetchingBackend(FakeBackend):
+    """A FakeBackend with the optional download phase (`fetch`), which can be blocked or made to fail.
+
+    `fetched` lists the model ids in the order their fetch calls began; `fetch_done` those that
+    returned. Loads record whether their model's fetch had returned (`loaded_after_fetch`)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fetched: list[str] = []
+        self.fetch_done: list[str] = []
+        self.loaded_after_fetch: list[bool] = []
+        self._fetch_gate: threading.Event | None = None
+        self._fetch_failures: list[BaseException] = []
+
+    def fetch(self, spec: ModelSpec) -> None:
+        with self._lock:
+            self.threads.append(("fetch", threading.current_thread().name))
+            self.fetched.append(spec.id)
+            failure = self._fetch_failures.pop(0) if self._fetch_failures else None
+        gate = self._fetch_gate
+        if gate is not None and not gate.wait(timeout=30):
+            raise TimeoutError("FetchingBackend: fetch blocked for 30 s and never unblocked")
+        if failure is not None:
+            raise failure
+        with self._lock:
+            self.fetch_done.append(spec.id)
+
+    def load(self, spec: ModelSpec) -> FakeHandle:
+        with self._lock:
+            self.loaded_after_fetch.append(spec.id in self.fetch_done)
+        return super().load(spec)
+
+    def block_fetches(self) -> None:
+        self._fetch_gate = threading.Event()
+
+    def unblock_fetches(self) -> None:
+        gate, self._fetch_gate = self._fetch_gate, None
+        if gate is not None:
+            gate.set()
+
+    def fail_next_fetch(self, error: BaseException | None = None) -> None:
+        with self._lock:
+            self._fetch_failures.append(error or FakeLoadError("fake download failure: repo not found"))
 
 
 class FakeClock:
