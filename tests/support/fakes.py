@@ -74,10 +74,23 @@ class FakeMemory:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._bytes: Counter[str] = Counter()
+        self._retained: Counter[str] = Counter()
 
     def add(self, device: str, nbytes: int) -> None:
         with self._lock:
             self._bytes[device] += nbytes
+
+    def retain(self, nbytes: int, device: str = "cpu") -> None:
+        """Memory freed by someone else (a request's buffers) that the allocator keeps until `trim`."""
+        with self._lock:
+            self._bytes[device] += nbytes
+            self._retained[device] += nbytes
+
+    def trim(self) -> None:
+        """A `release_memory` for tests: give the retained memory back (what malloc_trim does)."""
+        with self._lock:
+            self._bytes.subtract(self._retained)
+            self._retained.clear()
 
     def __call__(self) -> Mapping[str, int]:
         with self._lock:

@@ -14,6 +14,7 @@ import asyncio
 
 from earshot.cache.errors import CacheError
 from earshot.cache.events import Evicted, Hit, Loaded
+from earshot.cache.lease import Lease
 from tests.support.fakes import CacheHarness, cache_harness, eventually
 
 TICK = 0.25
@@ -42,6 +43,7 @@ async def test_a_load_waiting_for_room_gets_it_once_the_hits_in_flight_finish() 
     await h.cache.load("a")
     served: list[int] = []
     clients = [asyncio.create_task(_client(h, i * TICK, served)) for i in range(CLIENTS)]
+    b: asyncio.Task[Lease] | None = None
     try:
         for _ in range(8):  # two rounds: the clients now overlap, a is never idle
             await _tick(h)
@@ -66,9 +68,9 @@ async def test_a_load_waiting_for_room_gets_it_once_the_hits_in_flight_finish() 
         assert hits_between == []
         assert h.events.of(Evicted)[0].model == "a"  # (then b, idle, goes for the clients of a)
     finally:
-        for client in clients:
-            client.cancel()
-        await asyncio.gather(*clients, return_exceptions=True)
+        for task in [*clients, *([b] if b is not None else [])]:
+            task.cancel()
+        await asyncio.gather(*clients, *([b] if b is not None else []), return_exceptions=True)
         await h.cache.close()
 
 

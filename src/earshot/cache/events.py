@@ -100,7 +100,10 @@ class Evicted(CacheEvent):
     idle_s: float  # time since the last reference went (0 when evicted while just released)
     resident_s: float  # loaded-to-evicted
     footprint_bytes: int
-    released_bytes: int  # memory measured as given back by the unload (RSS + GPU), may be <= 0
+    # Process memory (RSS + GPU) given back across the unload, measured after returning memory that
+    # was free already (request buffers) to the OS first, so that it is not counted; memory other
+    # threads free during the unload still is. May be <= 0. See workers.unload_released.
+    released_bytes: int
 
 
 _KINDS: dict[type[CacheEvent], str] = {
