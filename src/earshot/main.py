@@ -59,6 +59,7 @@ def cache_config(settings: Settings) -> CacheConfig:
         if settings.memory_budget_bytes is None
         else int(settings.memory_budget_bytes),
         load_timeout=settings.model_load_timeout,
+        download_timeout=settings.model_download_timeout,
         thrash_window=settings.thrash_window_seconds,
         max_waiting=settings.max_waiting_requests,
         pin_preloaded=settings.pin_preloaded,
@@ -92,15 +93,16 @@ def create_app(
         from earshot.backends import default_backends
 
         backends = default_backends(settings.device, settings.compute_type, cpu_threads=settings.cpu_threads)
+    workers = Workers(settings.inference_concurrency)
     cache = ModelCache(
         catalog.resolve,
         backends,
         cache_config(settings),
         observers=[*obs.observers, *observers],
         memory_probe=obs.memory_probe,
+        runner=workers.load_runner,
     )
     obs.bind(cache, catalog)
-    workers = Workers(settings.inference_concurrency)
     inference = LocalInference(
         cache, catalog.resolve, backends, workers, tracer=obs.tracer, record=obs.record_inference
     )

@@ -5,6 +5,7 @@
   (`fail_next`) or out of memory (`oom_next`). It counts load attempts, successful loads and
   unloads, and records every handle it unloaded, so a test can check that nothing in use was ever
   unloaded and nothing was leaked.
+- `FetchingBackend` adds the optional download phase (`fetch`), blockable and failing on demand.
 - `FakeMemory` is a per-device byte counter the backends add to on load and subtract from on
   unload; it is also a `MemoryProbe` (call it), so the cache measures exact footprints.
 - `FakeClock` implements the cache's `Clock`: time moves only when a test calls `advance()`, which
@@ -34,14 +35,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from earshot.cache.entry import Entry, EntryState, Table
 from earshot.cache.events import CacheEvent
 from earshot.cache.manager import ModelCache
-from earshot.cache.protocol import BackendOutOfMemory, ModelSpec, Task
+from earshot.cache.protocol import BackendOutOfMemory, BlockingRunner, ModelSpec, Task
+from earshot.cache.runner import ExecutorRunner
 from earshot.cache.state import CacheConfig
 
 E = TypeVar("E", bound=CacheEvent)
 
 __all__ = [
+    "LOOP_EXECUTOR",
     "CacheHarness",
     "Catalog",
     "EventRecorder",
@@ -50,10 +54,12 @@ __all__ = [
     "FakeHandle",
     "FakeLoadError",
     "FakeMemory",
+    "FetchingBackend",
     "InlineExecutor",
     "ManualExecutor",
     "cache_harness",
     "eventually",
+    "make_entry",
     "make_spec",
 ]
 
@@ -68,10 +74,23 @@ class FakeMemory:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._bytes: Counter[str] = Counter()
+        self._retained: Counter[str] = Counter()
 
     def add(self, device: str, nbytes: int) -> None:
         with self._lock:
             self._bytes[device] += nbytes
+
+    def retain(self, nbytes: int, device: str = "cpu") -> None:
+        """Memory freed by someone else (a request's buffers) that the allocator keeps until `trim`."""
+        with self._lock:
+            self._bytes[device] += nbytes
+            self._retained[device] += nbytes
+
+    def trim(self) -> None:
+        """A `release_memory` for tests: give the retained memory back (what malloc_trim does)."""
+        with self._lock:
+            self._bytes.subtract(self._retained)
+            self._retained.clear()
 
     def __call__(self) -> Mapping[str, int]:
         with self._lock:
@@ -137,11 +156,13 @@ class FakeBackend:
         self.unloaded: list[FakeHandle] = []  # in unload order
         self.started: list[str] = []  # model ids, in the order their load calls began
         self.unloads_started: list[str] = []  # model ids, in the order their unload calls began
+        self.threads: list[tuple[str, str]] = []  # (method, thread name) of every backend call
 
     # -------------------------------------------------------------- Backend protocol
 
     def load(self, spec: ModelSpec) -> FakeHandle:
         with self._lock:
+            self.threads.append(("load", threading.current_thread().name))
             self.load_calls[spec.id] += 1
             self.started.append(spec.id)
             gate = self._blocked.get(spec.id) or self._blocked.get(None)
@@ -163,6 +184,7 @@ class FakeBackend:
 
     def unload(self, handle: FakeHandle) -> None:
         with self._lock:
+            self.threads.append(("unload", threading.current_thread().name))
             self.unloads_started.append(handle.model_id)
         gate = self._unload_gate
         if gate is not None and not gate.wait(timeout=30):
@@ -178,6 +200,8 @@ class FakeBackend:
             self.memory.add(handle.device, -handle.footprint)
 
     def footprint(self, spec: ModelSpec) -> int:
+        with self._lock:
+            self.threads.append(("footprint", threading.current_thread().name))
         return self.estimates.get(spec.id, self.footprints.get(spec.id, self.default_footprint))
 
     # -------------------------------------------------------------- control
@@ -248,6 +272,51 @@ class FakeBackend:
         await eventually(
             started, timeout=timeout, what=f"{count} load(s) of {model_id or 'any model'} to start"
         )
+
+
+class FetchingBackend(FakeBackend):
+    """A FakeBackend with the optional download phase (`fetch`), which can be blocked or made to fail.
+
+    `fetched` lists the model ids in the order their fetch calls began; `fetch_done` those that
+    returned. Loads record whether their model's fetch had returned (`loaded_after_fetch`)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fetched: list[str] = []
+        self.fetch_done: list[str] = []
+        self.loaded_after_fetch: list[bool] = []
+        self._fetch_gate: threading.Event | None = None
+        self._fetch_failures: list[BaseException] = []
+
+    def fetch(self, spec: ModelSpec) -> None:
+        with self._lock:
+            self.threads.append(("fetch", threading.current_thread().name))
+            self.fetched.append(spec.id)
+            failure = self._fetch_failures.pop(0) if self._fetch_failures else None
+        gate = self._fetch_gate
+        if gate is not None and not gate.wait(timeout=30):
+            raise TimeoutError("FetchingBackend: fetch blocked for 30 s and never unblocked")
+        if failure is not None:
+            raise failure
+        with self._lock:
+            self.fetch_done.append(spec.id)
+
+    def load(self, spec: ModelSpec) -> FakeHandle:
+        with self._lock:
+            self.loaded_after_fetch.append(spec.id in self.fetch_done)
+        return super().load(spec)
+
+    def block_fetches(self) -> None:
+        self._fetch_gate = threading.Event()
+
+    def unblock_fetches(self) -> None:
+        gate, self._fetch_gate = self._fetch_gate, None
+        if gate is not None:
+            gate.set()
+
+    def fail_next_fetch(self, error: BaseException | None = None) -> None:
+        with self._lock:
+            self._fetch_failures.append(error or FakeLoadError("fake download failure: repo not found"))
 
 
 class FakeClock:
@@ -432,6 +501,44 @@ def make_spec(model_id: str, task: Task = Task.TRANSCRIPTION, **fields: Any) -> 
     return ModelSpec(id=model_id, task=task, source="local", **fields)
 
 
+_PATH = {
+    EntryState.ADMITTING: (),
+    EntryState.LOADING: (EntryState.LOADING,),
+    EntryState.LOADED: (EntryState.LOADING, EntryState.LOADED),
+    EntryState.EVICTING: (EntryState.LOADING, EntryState.LOADED, EntryState.EVICTING),
+}
+
+
+def make_entry(
+    model_id: str,
+    size: int,
+    *,
+    state: EntryState = EntryState.LOADED,
+    refs: int = 0,
+    pending: int = 0,
+    pinned: bool | None = None,
+    table: Table | None = None,
+    now: float = 0.0,
+) -> Entry:
+    """An `Entry` in `state`, reached through the state machine's own transitions, with `size` as
+    its footprint estimate, for tests of the pure parts (planning, expiry). Its `load_done` future
+    belongs to a loop closed at once: don't await it."""
+    table = table if table is not None else Table()
+    loop = asyncio.new_event_loop()
+    try:
+        entry = table.create(make_spec(model_id), FakeBackend(), now=now, fetch=False, loop=loop)
+    finally:
+        loop.close()
+    table.estimates[model_id] = size
+    if pinned is not None:
+        table.pins[model_id] = pinned
+    for step in _PATH[state]:
+        entry.to(step)
+    entry.refs = refs
+    entry.pending = pending
+    return entry
+
+
 class Catalog:
     """A `resolve` callable over a fixed set of specs, with optional aliases."""
 
@@ -462,16 +569,24 @@ class CacheHarness:
         return [m.id for m in self.cache.snapshot().models if m.loaded]
 
 
+# The cache's blocking work on the event loop's default executor, so that a test can set an
+# `InlineExecutor` or `ManualExecutor` there and decide when worker jobs finish.
+LOOP_EXECUTOR: BlockingRunner = ExecutorRunner(None)
+
+
 def cache_harness(
     models: Iterable[str | ModelSpec] = ("a", "b", "c", "d"),
     *,
     backend: FakeBackend | None = None,
     clock: FakeClock | None = None,
     aliases: Mapping[str, str] | None = None,
+    runner: BlockingRunner | None = LOOP_EXECUTOR,
     **config: Any,
 ) -> CacheHarness:
     """Build a cache over `models` (ids or specs, transcription task) with a FakeBackend, a FakeClock,
     an EventRecorder, and a no-op `release_memory` (no full gc per unload). `config` goes to CacheConfig.
+    The blocking work runs on the loop's default executor (`LOOP_EXECUTOR`); `runner=None` gives
+    the cache's own pool (its default), any other runner is passed on.
     """
     specs = [m if isinstance(m, ModelSpec) else make_spec(m) for m in models]
     backend = backend if backend is not None else FakeBackend()
@@ -486,5 +601,6 @@ def cache_harness(
         clock=clock,
         memory_probe=backend.memory,
         release_memory=lambda: None,
+        runner=runner,
     )
     return CacheHarness(cache, backend, clock, events, catalog)

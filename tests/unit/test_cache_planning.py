@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from earshot.cache.entry import Entry, EntryState
 from earshot.cache.events import EvictionReason
 from earshot.cache.planning import plan_room
-from tests.support.fakes import FakeBackend, make_spec
+from tests.support.fakes import make_entry
 
 
 def _entry(
     model_id: str, size: int, *, state: EntryState = EntryState.LOADED, refs: int = 0, pinned: bool = False
 ) -> Entry:
-    loop = asyncio.new_event_loop()
-    try:
-        entry = Entry(
-            make_spec(model_id), FakeBackend(), pinned=pinned, wall=0.0, load_done=loop.create_future()
-        )
-    finally:
-        loop.close()
-    entry.state = state
-    entry.admitted = True
-    entry.refs = refs
-    entry.footprint_bytes = size
-    return entry
+    return make_entry(model_id, size, state=state, refs=refs, pinned=pinned)
 
 
 def _new(size: int) -> Entry:
-    entry = _entry("new", size, state=EntryState.LOADING)
-    entry.admitted = False
-    return entry
+    return make_entry("new", size, state=EntryState.ADMITTING)
 
 
 def _ids(plan: list[tuple[Entry, EvictionReason]] | None) -> list[tuple[str, str]] | None:
@@ -74,8 +59,7 @@ def test_models_in_use_loading_or_not_admitted_are_never_victims() -> None:
         _entry("loading", 1, state=EntryState.LOADING),
         _entry("idle", 1),
     ]
-    waiting = _entry("waiting", 1, state=EntryState.LOADING)
-    waiting.admitted = False  # waiting for room itself: takes none
+    waiting = _entry("waiting", 1, state=EntryState.ADMITTING)  # waiting for room itself: takes none
     assert _ids(plan_room([*entries, waiting], _new(1), max_models=3, budget=None)) == [("idle", "capacity")]
     assert plan_room([*entries, waiting], _new(1), max_models=2, budget=None) is None
 

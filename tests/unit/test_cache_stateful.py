@@ -6,20 +6,28 @@ a `ManualExecutor`, so the cache's worker jobs (footprint estimates, loads, unlo
 progress until the `run_worker_jobs` rule lets them finish; time is a FakeClock; every step runs
 the loop until nothing changes any more. Requests are tasks that stay open (waiting, or holding a
 lease) across steps, so loads, waits for room, releases, expiry, timeouts with late loads, manual
-unloads and failures interleave in every order hypothesis can think of.
+unloads, failures, clients that leave while they wait and requests counted as waiting outside
+the cache (`ModelCache.waiting`) interleave in every order hypothesis can think of.
+
+Besides the cache's promises (limits, nothing in use unloaded, accounting), the invariants check
+its insides: the table holds exactly the live entries and each in a state the snapshot agrees
+with, the room queue holds only loads waiting for room (first come first), what is held for the
+queue's head is loaded, and no background task of the cache ever failed (an illegal state
+transition would surface there).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from earshot.cache.entry import LIVE, EntryState
 from earshot.cache.errors import CacheBusy, CacheClosed, CacheError, CacheFull, ModelLoadError
 from earshot.cache.events import Evicted, Loaded
 from earshot.cache.lease import Lease
@@ -42,9 +50,15 @@ class Request:
         self.error: CacheError | None = None
         self.release = asyncio.Event()
 
+        self.left = False  # the client went away (its task was cancelled) before it got a lease
+
     @property
     def holding(self) -> bool:
         return self.lease is not None and not self.release.is_set()
+
+    @property
+    def waiting(self) -> bool:
+        return self.lease is None and self.error is None and not self.left
 
     async def run(self) -> None:
         try:
@@ -76,7 +90,11 @@ class CacheMachine(RuleBasedStateMachine):
         )
         self.requests: list[Request] = []
         self.tasks: list[asyncio.Task[Any]] = []
+        self.request_tasks: dict[int, asyncio.Task[None]] = {}  # id(request) -> its task
         self.unloads: list[asyncio.Task[str]] = []
+        self.outside: list[AbstractContextManager[None]] = []  # requests counted through waiting()
+        self.failures: list[dict[str, Any]] = []
+        self.loop.set_exception_handler(lambda loop, context: self.failures.append(context))
 
     # ------------------------------------------------------------ driving the loop
 
@@ -105,7 +123,7 @@ class CacheMachine(RuleBasedStateMachine):
     def _settle(self, expected: tuple[type[CacheError], ...] = EXPECTED) -> None:
         self.loop.run_until_complete(self._quiesce())
         for task in self.tasks + self.unloads:
-            if task.done() and task.exception() is not None:
+            if task.done() and not task.cancelled() and task.exception() is not None:
                 raise AssertionError("a request failed unexpectedly") from task.exception()
         for request in self.requests:
             assert request.error is None or isinstance(request.error, expected), repr(request.error)
@@ -124,7 +142,9 @@ class CacheMachine(RuleBasedStateMachine):
         """A request; with finish_jobs, every worker job then runs (the load, the unloads for room)."""
         request = Request(self.h.cache.acquire(model, keep_alive))
         self.requests.append(request)
-        self.tasks.append(self.loop.create_task(request.run()))
+        task = self.loop.create_task(request.run())
+        self.tasks.append(task)
+        self.request_tasks[id(request)] = task
         self._settle()
         if finish_jobs:
             self._drain_jobs()
@@ -153,6 +173,31 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(model=MODELS)
     def unload(self, model: str) -> None:
         self.unloads.append(self.loop.create_task(self.h.cache.unload(model)))
+        self._settle()
+
+    @precondition(lambda self: any(r.waiting for r in self.requests))
+    @rule(data=st.data())
+    def client_leaves(self, data: st.DataObject) -> None:
+        """A waiting client disconnects: its task is cancelled while it waits."""
+        request = data.draw(st.sampled_from([r for r in self.requests if r.waiting]))
+        request.left = True
+        self.request_tasks[id(request)].cancel()
+        self._settle()
+
+    @rule(model=MODELS)
+    def wait_outside(self, model: str) -> None:
+        """A request waits for an inference slot, counted by the cache (or refused at once)."""
+        cm = self.h.cache.waiting(model)
+        try:
+            cm.__enter__()
+        except CacheBusy:
+            return
+        self.outside.append(cm)
+
+    @precondition(lambda self: bool(self.outside))
+    @rule()
+    def stop_waiting_outside(self) -> None:
+        self.outside.pop(0).__exit__(None, None, None)
         self._settle()
 
     @rule(model=MODELS, oom=st.booleans(), times=st.sampled_from([1, 2]))
@@ -200,8 +245,8 @@ class CacheMachine(RuleBasedStateMachine):
     @invariant()
     def snapshot_agrees_with_the_requests(self) -> None:
         snapshot = self.h.cache.snapshot()
-        waiting = sum(1 for r in self.requests if r.lease is None and r.error is None)
-        assert snapshot.waiting_requests == waiting
+        waiting = sum(1 for r in self.requests if r.waiting)
+        assert snapshot.waiting_requests == waiting + len(self.outside)
         holding = Counter(r.lease.spec.id for r in self.requests if r.holding and r.lease is not None)
         for model in SIZES:
             state = snapshot.get(model)
@@ -210,10 +255,55 @@ class CacheMachine(RuleBasedStateMachine):
                 assert state.idle_seconds >= 0
                 assert state.in_use == 0
 
+    @invariant()
+    def the_table_holds_exactly_the_live_entries(self) -> None:
+        cache = self.h.cache
+        table = cache._table
+        entries = list(table.values())
+        assert len(entries) == len(table) == len({e.spec.id for e in entries})
+        snapshot = {m.id: m for m in cache.snapshot().models}
+        assert set(snapshot) == {e.spec.id for e in entries}
+        for entry in entries:
+            assert entry.state in LIVE, entry
+            assert table.get(entry.spec.id) is entry
+            state = snapshot[entry.spec.id]
+            assert state.loading == (entry.state in (EntryState.ADMITTING, EntryState.LOADING)), entry
+            assert state.loaded == (entry.state in (EntryState.LOADED, EntryState.EVICTING)), entry
+            assert (entry.lease is not None) == (entry.state is EntryState.LOADED), entry
+            assert entry.admitted == (entry.state is not EntryState.ADMITTING), entry
+            if entry.state is not EntryState.LOADED:
+                assert entry.refs == 0 or entry.state is EntryState.EVICTING, entry
+            if entry.state is EntryState.EVICTING:
+                assert entry.evicted is not None
+                assert entry.deadline is None
+            if entry.state is EntryState.ADMITTING:
+                assert entry.pending > 0, f"{entry}: a load nobody waits for was not abandoned"
+
+    @invariant()
+    def the_room_queue_and_the_hold_agree_with_the_table(self) -> None:
+        admission = self.h.cache._admission
+        queue = admission.queue
+        assert len(queue) == len(set(map(id, queue)))
+        for entry in queue:
+            assert entry.state is EntryState.ADMITTING, entry
+            assert entry in self.h.cache._table, entry
+        if not queue:
+            assert admission.held == frozenset()
+        for model in admission.held:
+            entry = self.h.cache._table.get(model)
+            assert entry is not None, model
+            assert entry.state in (EntryState.LOADED, EntryState.EVICTING), model
+
+    @invariant()
+    def no_background_task_failed(self) -> None:
+        assert self.failures == [], self.failures
+
     # ------------------------------------------------------------ the end
 
     def teardown(self) -> None:
         try:
+            while self.outside:
+                self.outside.pop().__exit__(None, None, None)
             for request in self.requests:
                 request.release.set()
             closing = self.loop.create_task(self.h.cache.close())

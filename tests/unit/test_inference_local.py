@@ -173,3 +173,37 @@ def test_workers_need_a_slot() -> None:
 
 
 _ = ModelSpec  # re-exported type used in annotations above
+
+
+async def test_a_request_cancelled_during_inference_gives_the_model_back_after_its_step() -> None:
+    """A client gone mid-transcription: the request task is cancelled while a segment is decoding;
+    that step finishes, no further one starts, and the model's reference and slot are returned."""
+    inference, backend = service(["a"], concurrency=1)
+    task = asyncio.create_task(inference.transcribe("a", AUDIO, TranscribeOptions()))
+    await eventually(lambda: len(backend.running) == 1)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    [state] = inference.status()
+    assert state.in_use == 1  # the step in progress still uses the model
+    backend.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await eventually(lambda: inference.status()[0].in_use == 0)
+    assert inference.workers.slots("a").value == 1
+    assert backend.running == []
+
+
+async def test_a_held_model_is_given_back_when_the_holder_is_cancelled_mid_inference() -> None:
+    inference, backend = service(["a"], concurrency=1)
+
+    async def session() -> None:
+        async with inference.hold("a"):
+            await inference.transcribe("a", AUDIO, TranscribeOptions())
+
+    task = asyncio.create_task(session())
+    await eventually(lambda: len(backend.running) == 1)
+    task.cancel()
+    backend.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await eventually(lambda: inference.status()[0].in_use == 0)

@@ -60,6 +60,18 @@ class Coalesced(CacheEvent):
 
 
 @dataclass(frozen=True, kw_only=True)
+class DownloadStarted(CacheEvent):
+    """The backend's `fetch` (the download phase before a load) started."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Downloaded(CacheEvent):
+    """The download phase ended well; the load follows (LoadStarted, once there is room)."""
+
+    duration_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class LoadStarted(CacheEvent):
     reload: bool  # evicted less than thrash_window_seconds ago
 
@@ -79,6 +91,7 @@ class LoadFailed(CacheEvent):
     error_kind: LoadFailureKind
     message: str
     out_of_memory: bool = False
+    phase: str = "load"  # "download" when the download phase failed (duration_s: from its start)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,13 +100,18 @@ class Evicted(CacheEvent):
     idle_s: float  # time since the last reference went (0 when evicted while just released)
     resident_s: float  # loaded-to-evicted
     footprint_bytes: int
-    released_bytes: int  # memory measured as given back by the unload (RSS + GPU), may be <= 0
+    # Process memory (RSS + GPU) given back across the unload, measured after returning memory that
+    # was free already (request buffers) to the OS first, so that it is not counted; memory other
+    # threads free during the unload still is. May be <= 0. See workers.unload_released.
+    released_bytes: int
 
 
 _KINDS: dict[type[CacheEvent], str] = {
     Hit: "cache_hit",
     Miss: "cache_miss",
     Coalesced: "cache_coalesced",
+    DownloadStarted: "model_download_started",
+    Downloaded: "model_downloaded",
     LoadStarted: "model_load_started",
     Loaded: "model_loaded",
     LoadFailed: "model_load_failed",

@@ -1,29 +1,32 @@
 """ModelCache: single-flight loads, reference counts, idle deadlines, LRU by count and bytes, pins.
 
-The cache lives on one asyncio event loop. Its table (`Entry` records) is only read and written on
-that loop, so no lock guards it; the blocking work (backend.footprint, backend.load,
-backend.unload with gc + malloc_trim) runs in the loop's default executor and hands its results
-back through futures. What needs care is every `await`: the state a coroutine looked at before it
-may have changed after it, so each one re-checks (see the comments at the await points).
+The cache lives on one asyncio event loop. Its table (`Entry` records in a `Table`) is only read
+and written on that loop, so no lock guards it; the blocking work (backend.footprint, fetch, load,
+unload with gc + malloc_trim) runs on the cache's `BlockingRunner` and hands its results back
+through futures. What needs care is every `await`: the state a coroutine looked at before it may
+have changed after it, so each one re-checks (see the comments at the await points).
+
+Parts with a job each: `entry` (the record, its state machine and the table), `admission` (room
+and its queue), `planning` (which models to evict, a pure function), `expiry` (idle deadlines),
+`waiting` (back-pressure counts), `runner` (where blocking work runs), `workers` (the blocking
+halves of loads and unloads). This module wires them and runs the requests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import logging
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager
 from types import MappingProxyType
 from typing import Any
 
 from earshot.cache import memory
-from earshot.cache.entry import Entry, EntryState
+from earshot.cache.admission import Admission
+from earshot.cache.entry import LIVE, Entry, EntryState, Table
 from earshot.cache.errors import (
-    CacheBusy,
     CacheClosed,
     CacheError,
     CacheFull,
@@ -34,6 +37,8 @@ from earshot.cache.errors import (
 from earshot.cache.events import (
     CacheEvent,
     Coalesced,
+    Downloaded,
+    DownloadStarted,
     Evicted,
     EvictionReason,
     Hit,
@@ -44,33 +49,34 @@ from earshot.cache.events import (
     Miss,
     Observer,
 )
+from earshot.cache.expiry import IdleExpiry, due_entries, timeout_of
 from earshot.cache.lease import Lease
-from earshot.cache.planning import plan_room
 from earshot.cache.protocol import (
     Backend,
     BackendOutOfMemory,
+    BlockingRunner,
     Clock,
     MemoryProbe,
     ModelSpec,
     SystemClock,
     rss_probe,
 )
+from earshot.cache.runner import ExecutorRunner, own_pool
 from earshot.cache.state import CacheConfig, CacheSnapshot, ModelState
 from earshot.cache.timing import Expired, Signal, wait_until
+from earshot.cache.waiting import WaitCounter
 from earshot.cache.workers import estimate_footprint, load_measured, unload_released
 
 __all__ = ["Lease", "ModelCache"]
 
 logger = logging.getLogger("earshot.cache")
 
-_LOADING = EntryState.LOADING
+_DOWNLOADING = EntryState.DOWNLOADING
+_ADMITTING = EntryState.ADMITTING
 _LOADED = EntryState.LOADED
 _EVICTING = EntryState.EVICTING
 _GONE = EntryState.GONE
-
-# An idle deadline this close to now counts as reached: a clock's sleep may end a hair early
-# (asyncio rounds to its clock resolution; float sums differ in the last bit).
-_DEADLINE_SLACK = 1e-6
+_FAILED = EntryState.FAILED
 
 
 class ModelCache:
@@ -83,22 +89,25 @@ class ModelCache:
     every waiter gets the error (`ModelLoadError`, `ModelLoadTimeout`, `CacheFull`), the next
     request retries.
 
-    Idle expiry: the timeout in force is the latest request's `keep_alive`, else `spec.idle_timeout`,
-    else `config.idle_timeout` (like Ollama, a request without keep_alive resets it to the default).
-    -1 (any negative) never expires, 0 unloads when the last reference goes, N seconds after it.
-    Expiry is by deadline: one task sleeps on `clock.sleep` until the earliest deadline. A release
-    whose deadline is earlier than the scheduled wake-up replaces that task; a deadline that goes
-    away (the model is acquired again) or moves later leaves it, and the early wake-up just finds
-    nothing due and sleeps again until the next deadline. No periodic scan.
+    A load goes through phases (`ModelState.phase`): "downloading" (only for backends with a
+    `fetch` method: it runs under `download_timeout`, between `DownloadStarted` and `Downloaded`;
+    a failure or timeout there is a failed load whose message says download), "waiting" (the
+    footprint estimate, then room), "loading" (`backend.load`, under `load_timeout`).
 
-    Room: `max_models` and `memory_budget_bytes` count every admitted model: loads in progress,
-    loaded models, and models being unloaded (their memory is not back yet). A new load first gets
-    its footprint estimate (the last measured footprint of that id, else `backend.footprint`, else
-    `spec.size_bytes`), then plans room (`plan_room`): evict least recently used idle models
-    (reason `capacity` while the count is over, `memory` while only bytes are), wait for those
-    unloads to complete, plan again; when no plan exists (everything else in use or loading) it
-    waits for a change (a release, an unload, a load ending) up to `load_timeout`, then fails with
-    `CacheFull`. Loads plan independently (no queue): whichever finds room first goes first.
+    Idle expiry (`earshot.cache.expiry`): the timeout in force is the latest request's
+    `keep_alive`, else `spec.idle_timeout`, else `config.idle_timeout` (like Ollama, a request
+    without keep_alive resets it to the default). -1 (any negative) never expires, 0 unloads when
+    the last reference goes, N seconds after it. By deadline, no periodic scan.
+
+    Room (`earshot.cache.admission`): `max_models` and `memory_budget_bytes` count every admitted
+    model: loads in progress, loaded models, and models being unloaded. A new load first gets its
+    footprint estimate (the last measured footprint of that id, else `backend.footprint`, else
+    `spec.size_bytes`), then plans room: evict least recently used idle models, wait for those
+    unloads, plan again; with no plan (everything else in use or loading) it waits for a change up
+    to `load_timeout`, then fails with `CacheFull`. Room waits are served in order: loads waiting
+    for room queue first come, first served, and while the first one waits, the loaded models it
+    needs evicted are held for it: new requests for them wait behind it (counted as waiting)
+    instead of hitting, so a model in steady use is released once its requests in flight finish.
 
     Pinned models (`spec.pin`, `load(pin=True)`, preloads when `config.pin_preloaded`) never expire
     by idleness. They still count toward `max_models` and the budget, and they are evicted for
@@ -113,14 +122,25 @@ class ModelCache:
     pinned ones only when there is no unpinned one; reason `memory`) and retries once, within the
     same load deadline.
 
-    Back-pressure: at most `config.max_waiting` requests wait in the cache at once (for a load, for
-    room, or for an unload of the model they want to finish); the next one gets `CacheBusy` at once.
-    Hits never wait.
+    Back-pressure: at most `config.max_waiting` requests wait at once (for a load, for room, for an
+    unload of the model they want to finish, behind a hold, or outside the cache, counted through
+    `waiting()`); the next one gets `CacheBusy` at once. Hits never wait, unless held for a load.
+
+    Clients who leave: a request cancelled while it waits leaves the counts at once. A load that
+    no request waits for any more (every requester, `load()` and preload calls included, was
+    cancelled) is abandoned if it has not reached `backend.load` yet (still downloading or waiting
+    for room): nothing is loaded for a request that is gone. A download already running finishes
+    in its thread (its files stay for the next request); a `backend.load` already running finishes
+    and the model stays cached, idle, as any other.
+
+    Blocking work runs on `runner` (a `BlockingRunner`); by default on a small thread pool the
+    cache owns (threads `earshot-load-N`, shut down by `close()`), never the loop's default
+    executor, which inference streams share.
 
     Observers are called synchronously, in the task that caused the event (a request's task for
     Hit/Miss/Coalesced; the load task, which inherits the starting request's context, for
-    LoadStarted/Loaded/LoadFailed; the eviction task for Evicted). One that raises is logged and
-    ignored.
+    DownloadStarted/Downloaded/LoadStarted/Loaded/LoadFailed; the eviction task for Evicted). One
+    that raises is logged and ignored.
     """
 
     def __init__(
@@ -133,9 +153,11 @@ class ModelCache:
         clock: Clock | None = None,
         memory_probe: MemoryProbe | None = None,
         release_memory: Callable[[], None] | None = None,
+        runner: BlockingRunner | None = None,
     ) -> None:
         """`release_memory` runs in the worker thread after each unload (default: gc.collect() and
-        malloc_trim(0), see `earshot.cache.memory`); tests pass a no-op to skip the full collections."""
+        malloc_trim(0), see `earshot.cache.memory`); tests pass a no-op to skip the full collections.
+        `runner` runs the blocking work (default: the cache's own pool, see the class docstring)."""
         self._resolve = resolve
         self._backends = dict(backends)
         self._config = config
@@ -143,17 +165,25 @@ class ModelCache:
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._probe: MemoryProbe = memory_probe if memory_probe is not None else rss_probe
         self._release_memory = release_memory if release_memory is not None else memory.release_memory
-        self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
-        self._estimates: dict[str, int] = {}  # footprint estimate per id: last measured, else backend's
-        self._pins: dict[str, bool] = {}
+        self._pool = own_pool() if runner is None else None
+        self._runner: BlockingRunner = runner if runner is not None else ExecutorRunner(self._pool)
+        self._table = Table()
         self._last_evicted: dict[str, float] = {}  # monotonic, per id (thrash detection)
-        self._waiting = 0
+        self._waits = WaitCounter(config.max_waiting)
         self._changed = Signal()
-        self._expiry_task: asyncio.Task[None] | None = None
-        self._expiry_at: float | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._late_unloads: set[asyncio.Future[int]] = set()
         self._closed = False
+        self._admission = Admission(
+            self._table,
+            config,
+            self._clock,
+            self._changed,
+            self._start_eviction,
+            lambda: self._closed,
+            self._closed_error,
+        )
+        self._expiry = IdleExpiry(self._clock, self._expire_due, self._spawn_detached)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._late_unloads: set[asyncio.Task[None]] = set()
         self._close_task: asyncio.Task[None] | None = None
         self._preloading = 0
 
@@ -181,8 +211,7 @@ class ModelCache:
         entry, lease = await self._take(model_id, keep_alive)
         try:
             if pin is not None:
-                entry.pinned = pin
-                self._pins[entry.spec.id] = pin
+                self._table.pins[entry.spec.id] = pin
         finally:
             self._release(entry)
         return lease
@@ -194,12 +223,12 @@ class ModelCache:
         model is next idle: acquires in the meantime are served and cancel nothing. A model still
         loading counts as in use. Raises UnknownModel for an id outside the catalog.
         """
-        entry = self._entries.get(model_id)
+        entry = self._table.get(model_id)
         if entry is None:
-            entry = self._entries.get(self._spec_of(model_id).id)
+            entry = self._table.get(self._spec_of(model_id).id)
         if entry is None:
             return "not_loaded"
-        if entry.state is _LOADED and entry.idle:
+        if entry.idle:
             self._start_eviction(entry, reason)
         if entry.state is _EVICTING:
             assert entry.evicted is not None
@@ -207,6 +236,12 @@ class ModelCache:
             return "unloaded"
         entry.unload_reason = reason
         return "scheduled"
+
+    def waiting(self, model_id: str) -> AbstractContextManager[None]:
+        """Count a request that waits outside the cache (e.g. for an inference slot of `model_id`)
+        toward `max_waiting`, `waiting_requests` and the model's `ModelState.waiting`, until the
+        block exits. Raises CacheBusy at once when `max_waiting` requests already wait."""
+        return self._waits.hold(model_id)
 
     async def preload(self, model_ids: Sequence[str]) -> None:
         """Load each model, one after the other, and return when all are loaded or failed.
@@ -224,34 +259,27 @@ class ModelCache:
         """`preload` as a background task; `ready` turns False before this returns (no race)."""
         ids = list(model_ids)
         self._preloading += len(ids)
-        return self._spawn(self._preload(ids), detached=True)
+        return self._spawn_detached(self._preload(ids))
 
     @property
     def ready(self) -> bool:
         """True once every preload finished (loaded or failed); True at once if there were none."""
         return self._preloading == 0
 
-    @contextlib.contextmanager
-    def waiting(self, model_id: str) -> Iterator[None]:
-        """Count a request that waits outside the cache (for an inference slot of `model_id`) as a
-        waiting request: CacheBusy at once past `max_waiting`, else counted until the block exits."""
-        self._check_busy(model_id)
-        self._waiting += 1
-        try:
-            yield
-        finally:
-            self._waiting -= 1
-
     def subscribe(self, observer: Observer) -> None:
         """Add an observer; it receives every event published from now on."""
         self._observers.append(observer)
 
     def snapshot(self) -> CacheSnapshot:
-        """The cache's state now: a pure read, no awaits, exact ages from the clock at call time."""
+        """The cache's state now: a pure read, no awaits, exact ages from the clock at call time.
+
+        Wall times are the entries' monotonic times shifted by one offset read now.
+        """
         now = self._clock.monotonic()
         wall = self._clock.wall()
-        models = tuple(self._state_of(entry, now, wall) for entry in reversed(self._entries.values()))
-        return CacheSnapshot(at=wall, models=models, waiting_requests=self._waiting, config=self._config)
+        offset = wall - now
+        models = tuple(self._state_of(entry, now, offset) for entry in self._table.most_recent_first())
+        return CacheSnapshot(at=wall, models=models, waiting_requests=self._waits.total, config=self._config)
 
     async def close(self) -> None:
         """Shut down: admit nothing new, wait for references up to `shutdown_grace`, unload all.
@@ -260,7 +288,8 @@ class ModelCache:
         holding or awaiting a model get up to `config.shutdown_grace` seconds (on the cache's clock)
         to finish; then loads still running are abandoned (their waiters get CacheClosed, a late
         handle is unloaded), the expiry task is cancelled, and every model is unloaded with reason
-        `shutdown`, in use or not. Idempotent: later calls wait for the same shutdown.
+        `shutdown`, in use or not. The cache's own thread pool is shut down last (work still running
+        in it finishes). Idempotent: later calls wait for the same shutdown.
         """
         if self._close_task is None:
             self._close_task = asyncio.get_running_loop().create_task(self._shutdown())
@@ -271,8 +300,8 @@ class ModelCache:
     async def _take(self, model_id: str, keep_alive: float | None) -> tuple[Entry, Lease]:
         if self._closed:
             raise self._closed_error(model_id)
-        entry = self._entries.get(model_id)
-        if entry is not None and entry.state is _LOADED:
+        entry = self._table.get(model_id)
+        if entry is not None and entry.state is _LOADED and entry.spec.id not in self._admission.held:
             self._grant(entry, keep_alive)
             if self._observers:
                 self._publish(Hit(model=entry.spec.id, task=entry.spec.task.value, at=self._clock.wall()))
@@ -290,26 +319,33 @@ class ModelCache:
         while True:
             if self._closed:
                 raise self._closed_error(spec.id)
-            entry = self._entries.get(spec.id)
+            entry = self._table.get(spec.id)
             if entry is not None and entry.state is _LOADED:
-                self._grant(entry, keep_alive)
-                self._publish(Hit(model=spec.id, task=spec.task.value, at=self._clock.wall()))
-                assert entry.lease is not None
-                return entry, entry.lease
-            self._check_busy(spec.id)
+                if spec.id not in self._admission.held:
+                    self._grant(entry, keep_alive)
+                    self._publish(Hit(model=spec.id, task=spec.task.value, at=self._clock.wall()))
+                    assert entry.lease is not None
+                    return entry, entry.lease
+                # Held for a load waiting for room: queue behind it, then start over.
+                with self._waits.hold(spec.id):
+                    await self._changed.wait(self._clock, None)
+                continue
             if entry is not None and entry.state is _EVICTING:
                 # Being unloaded (chosen as a victim a moment ago): wait for the unload, then start
                 # over; by then it is absent (a miss) or someone else's load of it (coalesced).
                 assert entry.evicted is not None
-                self._waiting += 1
-                try:
+                with self._waits.hold(spec.id):
                     await asyncio.wait((entry.evicted,))
-                finally:
-                    self._waiting -= 1
                 continue
+            self._waits.check(spec.id)  # refuse before counting a miss or starting a load
             now = self._clock.wall()
             if entry is None:
-                entry = self._new_entry(spec, backend)
+                entry = self._table.create(
+                    spec,
+                    backend,
+                    now=self._clock.monotonic(),
+                    fetch=callable(getattr(backend, "fetch", None)),
+                )
                 self._publish(Miss(model=spec.id, task=spec.task.value, at=now))
                 entry.task = self._spawn(self._load(entry))
                 outcome = "miss"
@@ -321,39 +357,42 @@ class ModelCache:
 
     async def _wait_for_load(self, entry: Entry, keep_alive: float | None) -> None:
         """Wait for `entry`'s load, then hold a reference to it (granted with no await in between)."""
+        model_id = entry.spec.id
+        self._waits.enter(model_id)
         entry.pending += 1
-        self._waiting += 1
         try:
             await asyncio.wait((entry.load_done,))  # never cancels the shared load
         except asyncio.CancelledError:
-            self._waiting -= 1
+            self._waits.leave(model_id)
             entry.pending -= 1
-            if entry.idle:  # loaded meanwhile, and this was the last request that wanted it
+            if entry.pending == 0 and entry.state in (_DOWNLOADING, _ADMITTING):
+                self._abandon(entry)  # the last request that wanted it left before backend.load
+            elif entry.idle:  # loaded meanwhile, and this was the last request that wanted it
                 self._became_idle(entry)
             raise
-        self._waiting -= 1
+        self._waits.leave(model_id)
         entry.pending -= 1
         error = entry.load_done.exception()
         if error is not None:
             assert isinstance(error, CacheError)
             raise type(error)(error.message, model=error.model) from error.__cause__
         if entry.state is not _LOADED:  # loaded, then unloaded by a shutdown before this request resumed
-            raise self._closed_error(entry.spec.id)
+            raise self._closed_error(model_id)
         self._grant(entry, keep_alive)
 
     def _grant(self, entry: Entry, keep_alive: float | None) -> None:
         entry.refs += 1
         entry.keep_alive = keep_alive
         entry.deadline = None
-        entry.last_used_wall = self._clock.wall()
-        self._entries.move_to_end(entry.spec.id)
+        entry.last_used = self._clock.monotonic()
+        self._table.touch(entry)
 
     def _release(self, entry: Entry) -> None:
         entry.refs -= 1
         if entry.state is not _LOADED:  # unloaded by a shutdown while held
             return
-        entry.last_used_wall = self._clock.wall()
-        self._entries.move_to_end(entry.spec.id)
+        entry.last_used = self._clock.monotonic()
+        self._table.touch(entry)
         if entry.refs == 0 and entry.pending == 0:
             self._became_idle(entry)
 
@@ -364,102 +403,80 @@ class ModelCache:
         if entry.unload_reason is not None:
             self._start_eviction(entry, entry.unload_reason)
         elif not self._closed and not entry.pinned:
-            timeout = self._timeout_of(entry)
+            timeout = timeout_of(entry, self._config.idle_timeout)
             if timeout == 0:
                 self._start_eviction(entry, EvictionReason.IDLE)
             elif timeout > 0:
                 entry.deadline = now + timeout
-                self._schedule_expiry(entry.deadline)
+                self._expiry.schedule(entry.deadline)
         self._changed.notify()
 
-    def _timeout_of(self, entry: Entry) -> float:
-        if entry.keep_alive is not None:
-            return entry.keep_alive
-        if entry.spec.idle_timeout is not None:
-            return entry.spec.idle_timeout
-        return self._config.idle_timeout
-
-    def _check_busy(self, model_id: str) -> None:
-        limit = self._config.max_waiting
-        if self._waiting >= limit:
-            raise CacheBusy(
-                f"cache busy: {self._waiting} requests already waiting for models "
-                f"(max_waiting_requests={limit}); retry later",
-                model=model_id,
-            )
-
-    # ------------------------------------------------------------------ idle expiry
-
-    def _schedule_expiry(self, deadline: float) -> None:
-        """Make sure the expiry task wakes up no later than `deadline`."""
-        if self._expiry_at is not None and self._expiry_at <= deadline:
-            return
-        if self._expiry_task is not None:
-            self._expiry_task.cancel()  # it only ever awaits its sleep: cancelling it is safe
-        self._expiry_at = deadline
-        self._expiry_task = self._spawn(self._expire(deadline), detached=True)
-
-    async def _expire(self, deadline: float) -> None:
-        await self._clock.sleep(deadline - self._clock.monotonic())
-        # Nothing below awaits: a cancel can only land in the sleep above.
-        self._expiry_task = None
-        self._expiry_at = None
-        now = self._clock.monotonic()
-        nearest: float | None = None
-        for entry in list(self._entries.values()):
-            due = entry.deadline
-            if due is None or entry.pinned or not entry.idle:
-                continue
-            if due <= now + _DEADLINE_SLACK:
-                self._start_eviction(entry, EvictionReason.IDLE)
-            elif nearest is None or due < nearest:
-                nearest = due
-        if nearest is not None:
-            self._schedule_expiry(nearest)
+    def _expire_due(self, now: float) -> float | None:
+        due, nearest = due_entries(self._table.values(), now)
+        for entry in due:
+            self._start_eviction(entry, EvictionReason.IDLE)
+        return nearest
 
     # ------------------------------------------------------------------ loading
 
-    def _new_entry(self, spec: ModelSpec, backend: Backend) -> Entry:
-        loop = asyncio.get_running_loop()
-        entry = Entry(
-            spec,
-            backend,
-            pinned=self._pins.get(spec.id, spec.pin),
-            wall=self._clock.wall(),
-            load_done=loop.create_future(),
-        )
-        self._entries[spec.id] = entry
-        return entry
-
     async def _load(self, entry: Entry) -> None:
-        """The load task of one entry: estimate, make room, load; settle `load_done` either way."""
+        """The load task of one entry: download, estimate, make room, load; settle `load_done`."""
+        spec = entry.spec
         try:
+            if entry.state is _DOWNLOADING:
+                await self._download(entry)
+                entry.to(_ADMITTING)
             await self._estimate(entry)
-            await self._admit(entry)
+            await self._admission.admit(entry)
             handle, footprint = await self._load_in_worker(entry)
         except asyncio.CancelledError:
-            self._fail(
-                entry, CacheClosed(f"cache closed while loading model {entry.spec.id}", model=entry.spec.id)
-            )
+            if entry.state in LIVE:  # cancelled by shutdown (an abandoned entry is gone already)
+                self._fail(entry, CacheClosed(f"cache closed while loading model {spec.id}", model=spec.id))
             raise
         except CacheError as err:
             self._fail(entry, err)
         except Exception as err:  # a bug must not leave the waiters hanging
-            logger.exception("unexpected error loading model %s", entry.spec.id)
-            self._fail(
-                entry, ModelLoadError(f"loading model {entry.spec.id} failed: {err}", model=entry.spec.id)
-            )
+            logger.exception("unexpected error loading model %s", spec.id)
+            self._fail(entry, ModelLoadError(f"loading model {spec.id} failed: {err}", model=spec.id))
         else:
             self._loaded(entry, handle, footprint)
 
+    async def _download(self, entry: Entry) -> None:
+        """The download phase: backend.fetch on the runner, within download_timeout."""
+        spec = entry.spec
+        started = self._clock.monotonic()
+        entry.download_started = started
+        self._publish(DownloadStarted(model=spec.id, task=spec.task.value, at=self._clock.wall()))
+        fetch = entry.backend.fetch  # type: ignore[attr-defined]  # present: checked at creation
+        work = asyncio.ensure_future(self._runner.run(fetch, spec))
+        work.add_done_callback(_retrieve)
+        timeout = self._config.download_timeout
+        try:
+            await wait_until(work, self._clock, started + timeout)
+        except Expired:
+            raise ModelLoadTimeout(
+                f"downloading model {spec.id} took longer than download_timeout ({timeout:g}s)", model=spec.id
+            ) from None
+        except (asyncio.CancelledError, CacheError):
+            raise
+        except Exception as err:
+            raise ModelLoadError(f"downloading model {spec.id} failed: {err}", model=spec.id) from err
+        self._publish(
+            Downloaded(
+                model=spec.id,
+                task=spec.task.value,
+                at=self._clock.wall(),
+                duration_s=self._clock.monotonic() - started,
+            )
+        )
+
     async def _estimate(self, entry: Entry) -> None:
         spec = entry.spec
-        estimate = self._estimates.get(spec.id)
+        estimates = self._table.estimates
+        estimate = estimates.get(spec.id)
         if estimate is None:
-            loop = asyncio.get_running_loop()
-            found = await loop.run_in_executor(None, estimate_footprint, entry.backend, spec)
-            estimate = self._estimates.setdefault(spec.id, found)  # a measurement may have landed meanwhile
-        entry.footprint_bytes = estimate
+            found = await self._runner.run(estimate_footprint, entry.backend, spec)
+            estimate = estimates.setdefault(spec.id, found)  # a measurement may have landed meanwhile
         budget = self._config.memory_budget_bytes
         if budget is not None and estimate > budget:
             raise CacheFull(
@@ -470,42 +487,8 @@ class ModelCache:
         if self._config.max_models is not None and self._config.max_models < 1:
             raise CacheFull(f"cache full: max_models is {self._config.max_models}", model=spec.id)
 
-    async def _admit(self, entry: Entry) -> None:
-        """Make room for `entry` under max_models and the memory budget, then mark it admitted."""
-        config = self._config
-        deadline: float | None = None
-        timed_out = False
-        while True:
-            # Re-plan after every await: releases, other loads and unloads change the picture.
-            if self._closed:
-                raise self._closed_error(entry.spec.id)
-            plan = plan_room(
-                self._entries.values(), entry, max_models=config.max_models, budget=config.memory_budget_bytes
-            )
-            if plan is None:
-                if timed_out:
-                    raise CacheFull(self._full_message(entry), model=entry.spec.id)
-                if deadline is None:
-                    deadline = self._clock.monotonic() + config.load_timeout
-                timed_out = not await self._changed.wait(self._clock, deadline)
-                continue
-            if not plan:
-                entry.admitted = True  # counts toward the limits from here on (no await since the plan)
-                return
-            unloads = [self._start_eviction(victim, reason) for victim, reason in plan]
-            await asyncio.wait(unloads)  # the evicted models' memory is back before the load starts
-
-    def _full_message(self, entry: Entry) -> str:
-        config = self._config
-        held = sum(1 for e in self._entries.values() if e.admitted and e.state is not _GONE)
-        return (
-            f"cache full: {held} models loaded, all in use; waited {config.load_timeout:g}s for one to be "
-            f"released to load {entry.spec.id} (max_models={config.max_models}, "
-            f"memory_budget_bytes={config.memory_budget_bytes})"
-        )
-
     async def _load_in_worker(self, entry: Entry) -> tuple[Any, dict[str, int]]:
-        """backend.load in a worker thread, within load_timeout; on out-of-memory evict idle, retry once."""
+        """backend.load on the runner, within load_timeout; on out-of-memory evict idle, retry once."""
         spec = entry.spec
         now = self._clock.monotonic()
         entry.load_started = now
@@ -521,7 +504,7 @@ class ModelCache:
             logger.warning(
                 "out of memory loading model %s (%s); evicting idle models, retrying once", spec.id, err
             )
-        await self._evict_idle_for(entry)
+        await self._admission.evict_idle_for(entry)
         try:
             return await self._attempt(entry, deadline)
         except BackendOutOfMemory as err:
@@ -539,8 +522,7 @@ class ModelCache:
         )
         if self._clock.monotonic() >= deadline:
             raise timeout
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(None, load_measured, entry.backend, spec, self._probe)
+        work = asyncio.ensure_future(self._runner.run(load_measured, entry.backend, spec, self._probe))
         try:
             return await wait_until(work, self._clock, deadline)
         except Expired:
@@ -557,51 +539,40 @@ class ModelCache:
     def _discard_late_load(
         self, backend: Backend, model_id: str, work: asyncio.Future[tuple[Any, Any]]
     ) -> None:
-        """A load nobody waits for any more finished: unload its handle (in a worker thread)."""
+        """A load nobody waits for any more finished: unload its handle (on the runner)."""
         if work.cancelled() or work.exception() is not None:
             return
         logger.warning("model %s finished loading after its load was abandoned; unloading it", model_id)
         box = [work.result()[0]]
-        unload = work.get_loop().run_in_executor(
-            None, unload_released, backend, box, self._probe, self._release_memory
-        )
+        unload = work.get_loop().create_task(self._late_unload(backend, model_id, box))
         self._late_unloads.add(unload)
         unload.add_done_callback(self._late_unloads.discard)
 
-    async def _evict_idle_for(self, entry: Entry) -> None:
-        """Out of memory: unload every idle model (unpinned ones; pinned only if there is no other)."""
-        idle = [e for e in self._entries.values() if e.idle and e is not entry]
-        victims = [e for e in idle if not e.pinned] or idle
-        unloads = [self._start_eviction(e, EvictionReason.MEMORY) for e in victims]
-        unloads += [
-            e.evicted for e in self._entries.values() if e.state is _EVICTING and e.evicted is not None
-        ]
-        if unloads:
-            await asyncio.wait(set(unloads))
+    async def _late_unload(self, backend: Backend, model_id: str, box: list[Any]) -> None:
+        try:
+            await self._runner.run(unload_released, backend, box, self._probe, self._release_memory)
+        except RuntimeError:  # the cache's pool is shut down: the process is exiting
+            logger.warning("model %s finished loading after shutdown; left to the process exit", model_id)
+        except Exception:
+            logger.exception("unloading the late load of model %s failed", model_id)
 
     def _loaded(self, entry: Entry, handle: Any, footprint: dict[str, int]) -> None:
         spec = entry.spec
         now = self._clock.monotonic()
-        entry.handle = handle
-        entry.state = _LOADED
+        entry.to(_LOADED)
         entry.loaded_at = now
-        entry.loaded_wall = self._clock.wall()
         entry.lease = Lease(spec, handle, "hit")
         total = sum(footprint.values())
         if total > 0:
             entry.footprint = MappingProxyType(footprint)
-            entry.footprint_bytes = total
-            entry.measured = True
-            self._estimates[spec.id] = total
-        else:  # unusable measurement: the estimate stands in, per device unknown
-            entry.footprint = MappingProxyType({})
-            entry.measured = False
+            self._table.estimates[spec.id] = total
+        # else: an unusable measurement; the estimate stands in, per device unknown (measured False)
         assert entry.load_started is not None
         self._publish(
             Loaded(
                 model=spec.id,
                 task=spec.task.value,
-                at=entry.loaded_wall,
+                at=self._clock.wall(),
                 duration_s=now - entry.load_started,
                 footprint_bytes=entry.footprint_bytes,
                 footprint=entry.footprint,
@@ -613,46 +584,54 @@ class ModelCache:
         if entry.idle:  # every requester gave up meanwhile (or it was a bare load)
             self._became_idle(entry)
         self._changed.notify()
-        self._trim_to_budget()
+        self._admission.trim_to_budget()
 
     def _fail(self, entry: Entry, error: CacheError) -> None:
+        if entry.state not in LIVE:
+            return
         spec = entry.spec
-        if entry.load_started is not None:
+        started = entry.load_started if entry.load_started is not None else entry.download_started
+        if started is not None:
             kind = LoadFailureKind.TIMEOUT if isinstance(error, ModelLoadTimeout) else LoadFailureKind.FAILURE
             self._publish(
                 LoadFailed(
                     model=spec.id,
                     task=spec.task.value,
                     at=self._clock.wall(),
-                    duration_s=self._clock.monotonic() - entry.load_started,
+                    duration_s=self._clock.monotonic() - started,
                     error_kind=kind,
                     message=error.message,
                     out_of_memory=entry.out_of_memory,
+                    phase="load" if entry.load_started is not None else "download",
                 )
             )
-        entry.state = _GONE
-        entry.admitted = False
-        if self._entries.get(spec.id) is entry:
-            del self._entries[spec.id]
+        self._retire(entry, _FAILED, error)
+
+    def _abandon(self, entry: Entry) -> None:
+        """No request waits for this load any more, and backend.load has not started: drop it."""
+        logger.info("load of model %s abandoned before it started: no request waits for it", entry.spec.id)
+        self._retire(
+            entry, _GONE, CacheClosed(f"load of model {entry.spec.id} abandoned", model=entry.spec.id)
+        )
+        if entry.task is not None:
+            entry.task.cancel()
+
+    def _retire(self, entry: Entry, state: EntryState, error: CacheError | None = None) -> None:
+        """The one teardown: the entry leaves the table (GONE or FAILED) and its load's waiters learn."""
+        entry.to(state)
+        self._admission.withdraw(entry)
         if not entry.load_done.done():
-            entry.load_done.set_exception(error)
+            entry.load_done.set_exception(
+                error or CacheClosed(f"model {entry.spec.id} left the cache", model=entry.spec.id)
+            )
             entry.load_done.exception()  # retrieved: no "never retrieved" warning when nobody waits
         self._changed.notify()
-
-    def _trim_to_budget(self) -> None:
-        """A measured footprint above its estimate can push the total over budget: evict idle LRU."""
-        budget = self._config.memory_budget_bytes
-        if budget is None:
-            return
-        plan = plan_room(self._entries.values(), None, max_models=None, budget=budget)
-        for victim, reason in plan or ():
-            self._start_eviction(victim, reason)
 
     # ------------------------------------------------------------------ unloading
 
     def _start_eviction(self, entry: Entry, reason: EvictionReason) -> asyncio.Task[None]:
         """Mark the entry as leaving (synchronously: no one can pick it up again) and unload it."""
-        entry.state = _EVICTING
+        entry.to(_EVICTING)
         entry.deadline = None
         task = self._spawn(self._evict(entry, reason))
         entry.evicted = task
@@ -664,23 +643,17 @@ class ModelCache:
         idle_s = now - entry.idle_since if entry.refs == 0 and entry.idle_since is not None else 0.0
         resident_s = now - entry.loaded_at if entry.loaded_at is not None else 0.0
         box = [entry.handle]  # the worker takes the handle out of the box: no reference is left here
-        entry.handle = None
         entry.lease = None
         released = 0
         try:
-            loop = asyncio.get_running_loop()
-            released = await loop.run_in_executor(
-                None, unload_released, entry.backend, box, self._probe, self._release_memory
+            released = await self._runner.run(
+                unload_released, entry.backend, box, self._probe, self._release_memory
             )
         except Exception:
             logger.exception("unloading model %s failed", spec.id)
         finally:
-            entry.state = _GONE
-            entry.admitted = False
-            if self._entries.get(spec.id) is entry:
-                del self._entries[spec.id]
             self._last_evicted[spec.id] = self._clock.monotonic()
-            self._changed.notify()
+            self._retire(entry, _GONE)
         self._publish(
             Evicted(
                 model=spec.id,
@@ -719,31 +692,32 @@ class ModelCache:
 
     async def _shutdown(self) -> None:
         self._closed = True
-        self._changed.notify()  # loads waiting for room give up now
+        self._changed.notify()  # loads waiting for room, and requests held behind them, give up now
         deadline = self._clock.monotonic() + self._config.shutdown_grace
         while self._in_flight():
             if not await self._changed.wait(self._clock, deadline):
                 break
-        if self._expiry_task is not None:
-            self._expiry_task.cancel()
-            self._expiry_task = None
-            self._expiry_at = None
-        loads = [e.task for e in self._entries.values() if e.state is _LOADING and e.task is not None]
+        self._expiry.cancel()
+        loads = [e.task for e in self._table.values() if e.loading and e.task is not None]
         for task in loads:
             task.cancel()
         if loads:
             await asyncio.wait(loads)
         unloads: list[asyncio.Task[None]] = []
-        for entry in list(self._entries.values()):
+        for entry in self._table.values():
             if entry.state is _LOADED:
                 unloads.append(self._start_eviction(entry, EvictionReason.SHUTDOWN))
             elif entry.state is _EVICTING and entry.evicted is not None:
                 unloads.append(entry.evicted)
         if unloads:
             await asyncio.wait(unloads)
+        if self._late_unloads:
+            await asyncio.wait(set(self._late_unloads))
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)  # work still running (a late load) finishes in its thread
 
     def _in_flight(self) -> bool:
-        return any(e.refs or e.pending or e.state is _LOADING for e in self._entries.values())
+        return any(e.refs or e.pending or e.loading for e in self._table.values())
 
     # ------------------------------------------------------------------ helpers
 
@@ -757,7 +731,7 @@ class ModelCache:
     def _closed_error(model_id: str) -> CacheClosed:
         return CacheClosed("the model cache is shutting down and admits no new requests", model=model_id)
 
-    def _spawn(self, coro: Any, *, detached: bool = False) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], *, detached: bool = False) -> asyncio.Task[Any]:
         """Run `coro` as a task. A load or an eviction a request causes inherits the request's
         context (its trace and log ids); `detached` work (idle expiry, preload) that no request
         caused starts from an empty context, so it is never logged under an old request's ids."""
@@ -767,6 +741,9 @@ class ModelCache:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _spawn_detached(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return self._spawn(coro, detached=True)
+
     def _publish(self, event: CacheEvent) -> None:
         for observer in self._observers:
             try:
@@ -774,26 +751,33 @@ class ModelCache:
             except Exception:
                 logger.exception("cache observer %r failed on event %s", observer, event.kind)
 
-    def _state_of(self, entry: Entry, now: float, wall: float) -> ModelState:
+    def _state_of(self, entry: Entry, now: float, offset: float) -> ModelState:
         state = entry.state
-        loading = state is _LOADING
-        idle = entry.idle and entry.idle_since is not None
+        loading = entry.loading
+        idle_since = entry.idle_since if entry.idle else None
         deadline = entry.deadline
         return ModelState(
             id=entry.spec.id,
             task=entry.spec.task.value,
             loaded=state is _LOADED or state is _EVICTING,
             loading=loading,
-            loading_since=entry.created_wall if loading else None,
-            loaded_at=entry.loaded_wall,
-            last_used_at=entry.last_used_wall,
-            idle_seconds=now - entry.idle_since if idle and entry.idle_since is not None else None,
-            expires_at=wall + (deadline - now) if idle and deadline is not None else None,
+            loading_since=entry.created + offset if loading else None,
+            loaded_at=entry.loaded_at + offset if entry.loaded_at is not None else None,
+            last_used_at=entry.last_used + offset,
+            idle_seconds=now - idle_since if idle_since is not None else None,
+            expires_at=deadline + offset if idle_since is not None and deadline is not None else None,
             in_use=entry.refs,
             pinned=entry.pinned,
             footprint=entry.footprint,
             footprint_bytes=entry.footprint_bytes,
             footprint_measured=entry.measured,
-            waiting=entry.pending,
-            keep_alive=self._timeout_of(entry),
+            waiting=self._waits.of(entry.spec.id),
+            keep_alive=timeout_of(entry, self._config.idle_timeout),
+            phase=entry.phase,
         )
+
+
+def _retrieve(work: asyncio.Future[Any]) -> None:
+    """Mark an outcome nobody may wait for any more (a download past its timeout) as retrieved."""
+    if not work.cancelled():
+        work.exception()

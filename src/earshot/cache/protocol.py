@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from earshot.types import ModelSpec, Task
+
+T = TypeVar("T")
 
 __all__ = [
     "Backend",
@@ -44,6 +46,30 @@ class Backend(Protocol):
     def footprint(self, spec: ModelSpec) -> int:
         """Estimated resident bytes of the model before it was ever loaded (from file sizes)."""
         ...
+
+
+@runtime_checkable
+class Fetcher(Protocol):
+    """The optional download phase of a backend: a backend with a `fetch` method gets it called
+    (in a worker, under `CacheConfig.download_timeout`) before each `load`; one without skips it."""
+
+    def fetch(self, spec: ModelSpec) -> None:
+        """Make the files `load(spec)` needs present locally (download them); blocking.
+
+        Called before every load: return quickly when they are there already. Any exception is a
+        failed load (its message says download).
+        """
+        ...
+
+
+class BlockingRunner(Protocol):
+    """Runs the cache's blocking calls (footprint, fetch, load, unload) off the event loop.
+
+    `run` must not cancel `fn` when the awaiting task is cancelled (it cannot: `fn` runs in a
+    thread); the cache decides what happens to work that outlives its wait.
+    """
+
+    async def run(self, fn: Callable[..., T], /, *args: Any) -> T: ...
 
 
 class BackendOutOfMemory(Exception):

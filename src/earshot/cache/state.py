@@ -15,8 +15,11 @@ class CacheConfig:
     max_models: loaded models at most (None: no limit).
     memory_budget_bytes: sum of model footprints at most (None: no limit).
     load_timeout: seconds a load may take, and a request may wait for room, before it fails.
+    download_timeout: seconds the download phase (`backend.fetch`, for backends that have it) may
+        take before the load fails; `load_timeout` does not include it.
     thrash_window: a load of a model evicted less than this many seconds ago is a reload.
-    max_waiting: requests waiting in the cache (for a load or for room) at most; more fail at once.
+    max_waiting: requests waiting (for a load, for room, for an unload, or outside the cache through
+        `ModelCache.waiting`) at most; more fail at once.
     pin_preloaded: preloaded models are pinned (exempt from idle eviction).
     shutdown_grace: seconds `close()` waits for requests in flight before unloading anyway.
     """
@@ -29,6 +32,7 @@ class CacheConfig:
     max_waiting: int = 256
     pin_preloaded: bool = True
     shutdown_grace: float = 30.0
+    download_timeout: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -49,15 +53,16 @@ class ModelState:
     footprint: Mapping[str, int] = field(default_factory=dict)  # bytes per device ("cpu", "cuda:0")
     footprint_bytes: int = 0  # total; the estimate while not yet measured
     footprint_measured: bool = False
-    waiting: int = 0  # requests waiting for this model's load
+    waiting: int = 0  # requests waiting for this model (its load, room, its unload, or via `waiting()`)
     keep_alive: float | None = None  # idle timeout in force for this model (after overrides)
+    phase: str | None = None  # while loading: "downloading", "waiting" (for room), "loading"
 
 
 @dataclass(frozen=True)
 class CacheSnapshot:
     at: float  # wall time the snapshot was taken
     models: tuple[ModelState, ...]  # loaded or loading models, most recently used first
-    waiting_requests: int  # requests waiting in the cache (for a load or for room)
+    waiting_requests: int  # requests waiting (for a load, room, an unload, or counted by `waiting()`)
     config: CacheConfig
 
     @property

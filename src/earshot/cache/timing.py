@@ -59,17 +59,20 @@ class Signal:
                 if not fut.done():
                     fut.set_result(None)
 
-    async def wait(self, clock: Clock, deadline: float) -> bool:
-        """Wait for the next `notify()`; False if the monotonic `deadline` came first."""
+    async def wait(self, clock: Clock, deadline: float | None) -> bool:
+        """Wait for the next `notify()`; False if the monotonic `deadline` (None: none) came first."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
-            await wait_until(fut, clock, deadline)
+            if deadline is None:
+                await fut
+            else:
+                await wait_until(fut, clock, deadline)
         except Expired:
             return False
         finally:
             if not fut.done():
                 fut.cancel()
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
+            if fut in self._waiters:  # expired or cancelled: not woken, so still listed
+                self._waiters.remove(fut)
         return True

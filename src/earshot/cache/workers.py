@@ -57,10 +57,19 @@ def unload_released(
 ) -> int:
     """Unload the handle in `box`, free memory, and return the bytes given back (before - after).
 
+    `release()` (gc + malloc_trim) runs twice: first before the `before` reading, so that memory
+    already freed by others (request buffers the allocator kept) goes back to the OS then and
+    is not counted as the model's; then after the unload, for the model's own memory. What the
+    figure can still include is memory other threads free during the unload itself.
+
     The handle comes in a one-item list that this function empties, so that the only reference
-    left while `release()` (gc + malloc_trim) runs is none at all: an argument passed directly
-    would stay referenced by the executor's work item until the call returns.
+    left while `release()` runs is none at all: an argument passed directly would stay
+    referenced by the executor's work item until the call returns.
     """
+    try:
+        release()
+    except Exception:
+        logger.exception("releasing memory before an unload failed")
     before = read_probe(probe)
     handle = box.pop()
     try:

@@ -12,6 +12,7 @@ so one role can never take every thread another one needs.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -47,17 +48,30 @@ class Workers:
         self._slots: dict[str, anyio.Semaphore] = {}
 
     async def run_load(self, fn: Callable[..., T], *args: Any) -> T:
-        """A load, unload or footprint estimate (the cache's BlockingRunner)."""
+        """A download, load, unload or footprint estimate."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.loads)
+
+    @property
+    def load_runner(self) -> LoadRunner:
+        """The cache's BlockingRunner: its blocking work on the `loads` limiter."""
+        return LoadRunner(self)
 
     async def run_work(self, fn: Callable[..., T], *args: Any) -> T:
         """Decoding, encoding, formatting."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.work)
 
     async def run_inference(self, fn: Callable[..., T], *args: Any) -> T:
-        """One blocking step of an inference (the caller holds the model's slot). Cancelling the
-        caller waits for the step to finish: the model is used until then."""
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self.inference_threads)
+        """One blocking step of an inference (the caller holds the model's slot). A cancelled
+        caller (client gone) still waits for the step to finish before the cancellation goes on:
+        the thread uses the model until then, so the caller's reference to it must stay. AnyIO's
+        own wait for a thread is shielded only against AnyIO cancel scopes; a plain `task.cancel()`
+        would end it at once."""
+        step = asyncio.ensure_future(anyio.to_thread.run_sync(fn, *args, limiter=self.inference_threads))
+        try:
+            return await asyncio.shield(step)
+        except asyncio.CancelledError:
+            await _outlast(step)
+            raise
 
     def slots(self, model_id: str) -> anyio.Semaphore:
         """The inference slots of one model (`inference_concurrency` at once)."""
@@ -65,3 +79,25 @@ class Workers:
         if slot is None:
             slot = self._slots[model_id] = anyio.Semaphore(self.inference_concurrency)
         return slot
+
+
+async def _outlast(step: asyncio.Future[Any]) -> None:
+    """Wait until `step` is done, whatever cancellations arrive meanwhile (its result is dropped)."""
+    with anyio.CancelScope(shield=True):
+        while not step.done():
+            try:
+                await asyncio.wait({step})
+            except asyncio.CancelledError:
+                continue
+    if not step.cancelled():
+        step.exception()  # retrieved: no "exception was never retrieved" warning
+
+
+class LoadRunner:
+    """`earshot.cache.protocol.BlockingRunner` on the `loads` limiter of `Workers`."""
+
+    def __init__(self, workers: Workers) -> None:
+        self._workers = workers
+
+    async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
+        return await self._workers.run_load(fn, *args)

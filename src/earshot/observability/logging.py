@@ -37,6 +37,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 from earshot.cache.events import (
     CacheEvent,
     Coalesced,
+    Downloaded,
     Evicted,
     Hit,
     Loaded,
@@ -244,7 +245,10 @@ class CacheEventLogger:
                 duration_s=_ms(event.duration_s),
                 error=event.message,
                 out_of_memory=event.out_of_memory,
+                phase=event.phase,
             )
+        elif isinstance(event, Downloaded):
+            log.info(event.kind, **base, duration_s=_ms(event.duration_s))
         elif isinstance(event, Evicted):
             log.info(
                 event.kind,
