@@ -9,7 +9,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -26,10 +26,14 @@ from earshot.api.system import config, health, ready
 from earshot.cache.events import Observer
 from earshot.cache.manager import ModelCache
 from earshot.cache.memory import tune_allocator
-from earshot.cache.protocol import Backend
+from earshot.cache.protocol import Backend, Task
 from earshot.cache.state import CacheConfig
+from earshot.inference.protocol import Inference
 from earshot.models.catalog import build_catalog
 from earshot.observability import Observability
+from earshot.observability.realtime import realtime_observers
+from earshot.realtime import RealtimeLimits, RealtimeSessions, realtime_handler
+from earshot.realtime._adapter import CacheInference
 from earshot.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -97,6 +101,20 @@ def create_app(
         record_inference=obs.record_inference,
         acquire_with=obs.traced_acquire,
     )
+    realtime_sessions = RealtimeSessions(
+        settings.max_realtime_sessions,
+        realtime_observers(obs.registry, obs.events, catalog.ids(Task.TRANSCRIPTION)),
+    )
+    realtime = realtime_handler(
+        sessions=realtime_sessions,
+        inference=cast(Inference, CacheInference(services.acquire, services.gate.run, obs.record_inference)),
+        resolve=catalog.resolve,
+        limits=RealtimeLimits(
+            max_buffer_seconds=settings.realtime_max_buffer_seconds,
+            idle_timeout=settings.realtime_idle_timeout,
+            api_key=settings.api_key.get_secret_value() if settings.api_key is not None else None,
+        ),
+    )
     preload = [spec.id for m in settings.preload_models if (spec := catalog.resolve(m)) is not None]
 
     @asynccontextmanager
@@ -123,6 +141,7 @@ def create_app(
             health,
             ready,
             config,
+            realtime,
             *obs.route_handlers,
         ],
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
@@ -133,6 +152,6 @@ def create_app(
         plugins=list(obs.plugins),
         request_max_body_size=int(settings.max_upload_bytes) + FORM_OVERHEAD_BYTES,
         openapi_config=OpenAPIConfig(title="earshot", version=__version__, path="/docs"),
-        state=State({"services": services, "observability": obs}),
+        state=State({"services": services, "observability": obs, "realtime_sessions": realtime_sessions}),
         debug=False,
     )
