@@ -400,3 +400,25 @@ async def test_the_session_model_is_not_evicted_under_it(
         await conn.input_audio_buffer.commit()
         done = await next_event(conn, "conversation.item.input_audio_transcription.completed")
         assert contains(done.transcript, PHRASE)
+
+
+@pytest.fixture(scope="module")
+def impatient(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(models_dir, tmp_path_factory.mktemp("impatient"), realtime_idle_timeout=2) as srv:
+        yield srv
+
+
+async def test_a_silent_client_is_closed_after_realtime_idle_timeout(impatient: Server) -> None:
+    async with session(impatient) as conn:
+        await next_event(conn, "session.created")
+        await conn.session.update(session=transcription(TINY, None))
+        await next_event(conn, "session.updated")
+        code, reason = await closed_with(conn)  # the client sends nothing more: the server closes
+    assert code == 1000
+    assert "realtime_idle_timeout" in reason
+
+    def ended_idle() -> None:
+        assert metric(impatient, "earshot_realtime_sessions_total", model=TINY, ended="idle") == 1
+        assert ps(impatient)[TINY]["in_use"] == 0
+
+    eventually(ended_idle)
