@@ -117,7 +117,7 @@ class Session:
         self._previous_item: str | None = None
         self._held: str | None = None
         self._hold: AsyncExitStack | None = None
-        self._turns: asyncio.Queue[Turn] = asyncio.Queue(MAX_PENDING_TURNS)
+        self._turns: asyncio.Queue[Turn | None] = asyncio.Queue(MAX_PENDING_TURNS)
         self._worker: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -127,17 +127,29 @@ class Session:
         await self._emit(ev.session_created(self.config.describe()))
 
     async def aclose(self) -> None:
-        """Stop transcribing (a turn in the model finishes first: its thread holds the model), let
-        go of the model."""
+        """End the session: turns still waiting are dropped, the one in the model finishes (it is
+        not cancelled into the inference layer; its events go nowhere once the client is gone),
+        then the model is let go of, whatever happened before."""
         worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
-        hold, self._hold = self._hold, None
-        self._held = None
-        if hold is not None:
-            await hold.aclose()
+        try:
+            if worker is not None:
+                while not self._turns.empty():
+                    self._turns.get_nowait()
+                self._turns.put_nowait(None)  # the worker's last item
+                try:
+                    await asyncio.shield(worker)
+                except asyncio.CancelledError:  # the handler itself is cancelled (shutdown)
+                    worker.cancel()
+                    with contextlib.suppress(BaseException):
+                        await worker
+                    raise
+                except Exception:
+                    log.exception("realtime session %s: the turn worker failed", self.id)
+        finally:
+            hold, self._hold = self._hold, None
+            self._held = None
+            if hold is not None:
+                await hold.aclose()
 
     # ------------------------------------------------------------------ client events
 
@@ -322,6 +334,8 @@ class Session:
     async def _work(self) -> None:
         while True:
             turn = await self._turns.get()
+            if turn is None:  # the session is ending
+                return
             await self._transcribe(turn)
 
     async def _transcribe(self, turn: Turn) -> None:
