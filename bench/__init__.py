@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "hitpath": ("bench.bench_hitpath", 5),
     "metrics": ("bench.bench_metrics", 6),
     "throughput": ("bench.bench_throughput", 7),
+    "realtime": ("bench.bench_realtime", 8),
     # figures for the operators' notes, not comparisons
     "models": ("bench.bench_models", 0),
     "formats": ("bench.bench_formats", 0),

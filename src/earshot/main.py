@@ -31,7 +31,7 @@ from earshot.api.system import config, health, ready
 from earshot.cache.events import Observer
 from earshot.cache.manager import ModelCache
 from earshot.cache.memory import tune_allocator
-from earshot.cache.protocol import Backend
+from earshot.cache.protocol import Backend, Task
 from earshot.cache.state import CacheConfig
 from earshot.inference.local import LocalInference
 from earshot.inference.workers import Workers
@@ -39,6 +39,8 @@ from earshot.models.catalog import build_catalog
 from earshot.models.resolver import HubResolver, resolve_preload
 from earshot.observability import Observability
 from earshot.observability.collector import render
+from earshot.observability.realtime import realtime_observers
+from earshot.realtime import RealtimeLimits, RealtimeSessions, realtime_handler
 from earshot.settings import Settings, load_settings
 from earshot.ui.routes import ui_router
 
@@ -109,6 +111,20 @@ def create_app(
     services = Services(
         settings=settings, catalog=catalog, inference=inference, workers=workers, resolver=resolver
     )
+    realtime_sessions = RealtimeSessions(
+        settings.max_realtime_sessions,
+        realtime_observers(obs.registry, obs.events, catalog.ids(Task.TRANSCRIPTION)),
+    )
+    realtime = realtime_handler(
+        sessions=realtime_sessions,
+        inference=inference,
+        resolve=catalog.resolve,
+        limits=RealtimeLimits(
+            max_buffer_seconds=settings.realtime_max_buffer_seconds,
+            idle_timeout=settings.realtime_idle_timeout,
+            api_key=settings.api_key.get_secret_value() if settings.api_key is not None else None,
+        ),
+    )
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -138,6 +154,7 @@ def create_app(
             metrics_handler(cache.snapshot, functools.partial(render, obs.registry), workers.run_work),
             events_router(obs.events, keepalive=sse_keepalive),
             ui_router(api_key_required=settings.api_key is not None),
+            realtime,
         ],
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
@@ -147,6 +164,13 @@ def create_app(
         plugins=list(obs.plugins),
         request_max_body_size=int(settings.max_upload_bytes) + FORM_OVERHEAD_BYTES,
         openapi_config=OpenAPIConfig(title="earshot", version=__version__, path="/docs"),
-        state=State({"services": services, "observability": obs, "cache": cache}),
+        state=State(
+            {
+                "services": services,
+                "observability": obs,
+                "cache": cache,
+                "realtime_sessions": realtime_sessions,
+            }
+        ),
         debug=False,
     )

@@ -183,6 +183,20 @@ class Settings(BaseSettings):
     max_audio_seconds: float = Field(7200, gt=0, description="Longest accepted decoded audio, in seconds")
     max_input_chars: int = Field(4096, ge=1, description="Longest accepted text for speech")
 
+    max_realtime_sessions: int = Field(
+        16,
+        ge=0,
+        description="Realtime (WebSocket) transcription sessions open at once at most; more are closed at once",
+    )
+    realtime_idle_timeout: float = Field(
+        300, gt=0, description="Seconds a realtime session may send nothing before it is closed"
+    )
+    realtime_max_buffer_seconds: float = Field(
+        60,
+        gt=0,
+        description="Seconds of uncommitted audio a realtime session may buffer (a longer turn is cut)",
+    )
+
     nvml_interval_seconds: float = Field(5, gt=0, description="Seconds between GPU samples")
     events_buffer_size: int = Field(1000, ge=1, description="Cache events kept for /api/events")
     otlp_endpoint: str | None = Field(

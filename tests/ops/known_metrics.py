@@ -54,6 +54,10 @@ METRICS: tuple[Metric, ...] = (
     # inference
     _m("earshot_inference_duration_seconds", "histogram", "model", "task"),
     _m("earshot_audio_duration_seconds_total", "counter", "model", "task"),
+    # realtime sessions (DESIGN §9; the gauge is `_open`: the counter's family takes the plain name).
+    # The counters and the latency histogram are born with the first session, so only the gauge
+    # (created at zero per transcription model) is listed for the live check.
+    _m("earshot_realtime_sessions_open", "gauge", "model"),
     # GPU (NVML sampler)
     _m("earshot_gpu_memory_used_bytes", "gauge", "gpu", "uuid"),
     _m("earshot_gpu_memory_total_bytes", "gauge", "gpu", "uuid"),
@@ -106,9 +110,11 @@ LABEL_VALUES: dict[str, frozenset[str]] = {
             "/health/ready",
             "/api/config",
             "/metrics",
+            "/v1/realtime",  # method="websocket": one request per session, its duration the handshake
         }
     ),
     "app_name": frozenset({"earshot"}),
+    "ended": frozenset({"client", "idle", "error", "shutdown", "refused"}),
 }
 
 # Bucket bounds the histograms promise (first and last finite bucket), for the live check.

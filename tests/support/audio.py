@@ -21,11 +21,12 @@ def wav(samples: bytes, *, claimed_samples: int | None = None, rate: int = RATE)
     return header + samples
 
 
-def pcm16(flac: Path) -> bytes:
-    """The whole of `flac` as 16 kHz mono 16-bit little-endian PCM."""
+def pcm16(flac: Path, rate: int = RATE) -> bytes:
+    """The whole of `flac` as mono 16-bit little-endian PCM at `rate` (16 kHz; the Realtime API's
+    `audio/pcm` is 24 kHz)."""
     out = bytearray()
     with av.open(str(flac)) as src:
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
         for frame in src.decode(audio=0):
             for piece in resampler.resample(frame):
                 out += bytes(piece.planes[0])[: piece.samples * 2]

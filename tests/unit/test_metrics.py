@@ -31,7 +31,7 @@ from earshot.cache.state import CacheConfig, CacheSnapshot, ModelState
 from earshot.models.catalog import Catalog
 from earshot.observability.collector import CacheStateCollector
 from earshot.observability.metrics import CacheMetrics
-from tests.support.fakes import FakeBackend, FakeClock, InlineExecutor
+from tests.support.fakes import FakeBackend, FakeClock, InlineExecutor, eventually
 
 STT = "stt-a"
 TTS = "org/tts-b"
@@ -362,10 +362,10 @@ async def test_real_cache_idle_age_eviction_and_kept_counters(registry: Collecto
         assert value(registry, "earshot_model_memory_bytes", model=STT, device="cpu") == 1234.0
         assert value(registry, "earshot_model_loaded", model=STT, task="transcription") == 1.0
 
-        clock.advance(260.0)  # past the idle timeout: evicted
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert value(registry, "earshot_model_evictions_total", model=STT, reason="idle") == 1.0
+        clock.advance(260.0)  # past the idle timeout: evicted (the unload runs in the cache's own pool)
+        await eventually(
+            lambda: value(registry, "earshot_model_evictions_total", model=STT, reason="idle") == 1.0
+        )
         # the evicted model keeps its counters; its state gauges go away, `loaded` reads 0
         assert value(registry, "earshot_cache_requests_total", model=STT, result="miss") == 1.0
         assert value(registry, "earshot_cache_requests_total", model=STT, result="hit") == 1.0

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Response, delete, get, post
+from litestar.datastructures import State
 from litestar.params import Body, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_404_NOT_FOUND
 
@@ -71,7 +72,6 @@ def ps_entry(state: ModelStatus) -> dict[str, Any]:
         "in_use": state.in_use,
         "pinned": state.pinned,
         "waiting": state.waiting,
-        "sessions": state.sessions,
         **({"worker": state.worker} if state.worker is not None else {}),
     }
 
@@ -148,10 +148,12 @@ class PsController(Controller):
     tags = ["cache"]  # noqa: RUF012
 
     @get("/", responses=ERROR_RESPONSES, summary="Loaded (and loading) models with their cache state")
-    async def ps(self, services: Services) -> dict[str, Any]:
+    async def ps(self, services: Services, state: State) -> dict[str, Any]:
         inference = services.inference
+        realtime = state.get("realtime_sessions")  # earshot.realtime.registry.RealtimeSessions
+        sessions: dict[str, int] = realtime.open_by_model() if realtime is not None else {}
         return {
-            "models": [ps_entry(m) for m in inference.status()],
+            "models": [{**ps_entry(m), "sessions": sessions.get(m.id, 0)} for m in inference.status()],
             "waiting_requests": inference.waiting_requests(),
             **inference.describe(),
         }

@@ -85,7 +85,6 @@ class ModelStatus:
     waiting: int
     keep_alive: float | None
     phase: str | None = None  # while loading: "downloading" or "loading"
-    sessions: int = 0  # realtime sessions holding the model
     worker: str | None = None  # in a fleet: the worker holding it
 
 

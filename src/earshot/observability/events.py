@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, overload
+from typing import Any, Protocol, overload
 
 from earshot.cache.events import CacheEvent, Hit
 
@@ -62,7 +62,24 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def event_record(event: CacheEvent, seq: int) -> Record:
+class Recordable(Protocol):
+    """What becomes a record: a frozen dataclass with `kind`, `model`, `task` and `at` (a cache
+    event, or a realtime session event of `earshot.session_events`)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def task(self) -> str: ...
+
+    @property
+    def at(self) -> float: ...
+
+
+def event_record(event: CacheEvent | Recordable, seq: int) -> Record:
     """The JSON-able record of one event (`id`, `event`, `model`, `task`, `at`, then its fields)."""
     record: Record = {
         "id": seq,
@@ -71,7 +88,7 @@ def event_record(event: CacheEvent, seq: int) -> Record:
         "task": event.task,
         "at": iso_utc(event.at),
     }
-    for f in dataclasses.fields(event):
+    for f in dataclasses.fields(event):  # type: ignore[arg-type]
         if f.name not in _BASE_FIELDS:
             record[f.name] = _jsonable(getattr(event, f.name))
     return record
@@ -164,7 +181,7 @@ class EventLog:
         """The id of the newest record (0 before the first)."""
         return self._last
 
-    def __call__(self, event: CacheEvent) -> None:
+    def __call__(self, event: CacheEvent | Recordable) -> None:
         hit = isinstance(event, Hit)
         if hit and not any(sub.hits for sub in self._subscribers):
             return  # nobody follows hits: no record at all (the hit path stays cheap)
