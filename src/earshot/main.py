@@ -20,9 +20,11 @@ from earshot import __version__
 from earshot.api.audio import AudioController
 from earshot.api.auth import api_key_guard
 from earshot.api.errors import EXCEPTION_HANDLERS
+from earshot.api.limits import RequestLimits, speech_body_limit
 from earshot.api.models import ModelsController, PsController
 from earshot.api.services import InferenceGate, Services
 from earshot.api.system import config, health, ready
+from earshot.audio.pool import DecodePool
 from earshot.cache.events import Observer
 from earshot.cache.manager import ModelCache
 from earshot.cache.memory import tune_allocator
@@ -89,6 +91,9 @@ def create_app(
         memory_probe=obs.memory_probe,
     )
     obs.bind(cache, catalog)
+    decoder = DecodePool(
+        settings.decode_workers, memory_bytes=int(settings.decode_memory_bytes), registry=obs.registry
+    )
     services = Services(
         settings=settings,
         catalog=catalog,
@@ -96,12 +101,14 @@ def create_app(
         gate=InferenceGate(settings.inference_concurrency),
         record_inference=obs.record_inference,
         acquire_with=obs.traced_acquire,
+        decoder=decoder,
     )
     preload = [spec.id for m in settings.preload_models if (spec := catalog.resolve(m)) is not None]
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         obs.start()
+        await decoder.warm()
         preloading = cache.start_preload(preload)
         try:
             yield
@@ -109,8 +116,17 @@ def create_app(
             preloading.cancel()
             await asyncio.gather(preloading, return_exceptions=True)
             await cache.close()
+            decoder.close()
             obs.stop()
 
+    upload_limit = int(settings.max_upload_bytes) + FORM_OVERHEAD_BYTES
+    limits = RequestLimits(
+        body_limits={
+            "/v1/audio/speech": speech_body_limit(settings.max_input_chars),
+            "/v1/audio/transcriptions": upload_limit,
+            "/v1/audio/translations": upload_limit,
+        }
+    )
     guards: list[Any] = []
     if settings.api_key is not None:
         guards.append(api_key_guard(settings.api_key.get_secret_value()))
@@ -129,10 +145,10 @@ def create_app(
         exception_handlers=EXCEPTION_HANDLERS,
         guards=guards,
         lifespan=[lifespan],
-        middleware=list(obs.middleware),
+        middleware=[*obs.middleware, limits.middleware],
         plugins=list(obs.plugins),
-        request_max_body_size=int(settings.max_upload_bytes) + FORM_OVERHEAD_BYTES,
+        request_max_body_size=upload_limit,
         openapi_config=OpenAPIConfig(title="earshot", version=__version__, path="/docs"),
-        state=State({"services": services, "observability": obs}),
+        state=State({"services": services, "observability": obs, "limits": limits}),
         debug=False,
     )

@@ -26,7 +26,6 @@ from opentelemetry import trace
 from earshot.api.errors import ERROR_RESPONSES, bad_request
 from earshot.api.formats import segment_json, to_srt, to_vtt, verbose_json
 from earshot.api.services import Services
-from earshot.audio.decode import decode_audio
 from earshot.audio.encode import CONTENT_TYPES, StreamEncoder, encode_audio
 from earshot.backends import UnsupportedTask
 from earshot.backends.whisper import Transcript, WhisperHandle
@@ -168,8 +167,7 @@ class AudioController(Controller):
             )
         settings = services.settings
         with tracer.start_as_current_span("decode_audio"):
-            audio = await asyncio.to_thread(
-                decode_audio,
+            audio = await services.decoder.decode(
                 cast(BinaryIO, form.file.file),
                 sample_rate=WHISPER_RATE,
                 max_seconds=settings.max_audio_seconds,

@@ -13,6 +13,7 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 
+from earshot.audio.pool import Decoder, InProcessDecoder
 from earshot.cache.manager import Lease, ModelCache
 from earshot.cache.protocol import ModelSpec, Task
 from earshot.models.catalog import Catalog
@@ -106,6 +107,7 @@ class Services:
     gate: InferenceGate
     record_inference: InferenceRecorder = _no_recorder
     acquire_with: Acquire | None = None
+    decoder: Decoder = field(default_factory=InProcessDecoder)
     started_at: float = field(default_factory=time.time)
 
     def acquire(self, model_id: str, keep_alive: float | None) -> AbstractAsyncContextManager[Lease]:
