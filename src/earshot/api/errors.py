@@ -44,7 +44,7 @@ RETRY_AFTER_SECONDS = 5
 # echoed back whole); a message is at most MAX_MESSAGE characters.
 MAX_ECHO = 80
 MAX_MESSAGE = 1024
-_QUOTED = re.compile("'[^']{%d,}'|\"[^\"]{%d,}\"" % (MAX_ECHO + 1, MAX_ECHO + 1))
+_QUOTED = re.compile(f"'[^']{{{MAX_ECHO + 1},}}'|\"[^\"]{{{MAX_ECHO + 1},}}\"")
 # Litestar's words when the multipart parser hits one of its limits (a part's headers over 4 KB,
 # such as a long file name, or too many parts); it answers 400 with them.
 _MULTIPART_LIMIT = "Request Entity Too Large"

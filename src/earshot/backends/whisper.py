@@ -8,6 +8,7 @@ several requests at once (CTranslate2 queues them over `num_workers` workers).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 import time
@@ -48,6 +49,15 @@ WhisperTask = Literal["transcribe", "translate"]
 # OpenAI: "If set to 0, the model will use log probability to automatically increase the temperature
 # until certain thresholds are hit" - faster-whisper's fallback schedule.
 _FALLBACK_TEMPERATURES: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+# Long audio is transcribed in windows of at most this many seconds, one after the other, so memory
+# (faster-whisper computes the log-mel features of all the audio it is given at once: about 1 MB
+# per second of audio) grows with the window, not with the file. Each cut is placed at the quietest
+# 20 ms frame of the window's last `_CUT_SEARCH_S` seconds, so it falls between words where there is
+# a pause; segment and word timestamps are shifted by the window's start.
+WINDOW_SECONDS = 300.0
+_CUT_SEARCH_S = 10.0
+_CUT_FRAME = 320  # samples: 20 ms at 16 kHz
 
 # How long `unload` keeps asking CTranslate2 to free the weights while it reports a batch in flight.
 _UNLOAD_RETRY_S = 1.0
@@ -119,17 +129,45 @@ def _convert_segment(seg: Any) -> Segment:
     )
 
 
+def _bounds(
+    samples: npt.NDArray[np.float32] | None, n: int, window: int, search: int
+) -> Iterator[tuple[int, int]]:
+    start = 0
+    while n - start > window:
+        end = start + window
+        if samples is not None and search >= _CUT_FRAME:
+            tail = samples[end - search : end]
+            frames = tail[: len(tail) // _CUT_FRAME * _CUT_FRAME].reshape(-1, _CUT_FRAME)
+            quiet = int(np.argmin(np.einsum("ij,ij->i", frames, frames)))
+            end = end - search + quiet * _CUT_FRAME + _CUT_FRAME // 2
+        yield start, end
+        start = end
+    yield start, n
+
+
+def _shifted(seg: Segment, offset: float, index: int) -> Segment:
+    words = None
+    if seg.words is not None:
+        words = [
+            Word(start=w.start + offset, end=w.end + offset, word=w.word, probability=w.probability)
+            for w in seg.words
+        ]
+    return dataclasses.replace(seg, id=index, start=seg.start + offset, end=seg.end + offset, words=words)
+
+
 class SegmentStream(Iterator[Segment]):
     """The segments of one transcription, decoded as they are pulled (each `next()` blocks while the
     model decodes the next window). `language`, `language_probability` and `duration` are known from
     the start. `close()` (or dropping it) stops decoding."""
 
-    def __init__(self, generator: Iterator[Any], info: Any, model_id: str) -> None:
+    def __init__(
+        self, generator: Iterator[Any], info: Any, model_id: str, *, duration: float | None = None
+    ) -> None:
         self._generator = generator
         self._model_id = model_id
         self.language: str = str(info.language)
         self.language_probability: float = float(info.language_probability)
-        self.duration: float = float(info.duration)
+        self.duration: float = float(info.duration) if duration is None else duration
 
     def __iter__(self) -> SegmentStream:
         return self
@@ -145,7 +183,7 @@ class SegmentStream(Iterator[Segment]):
                     f"{self._model_id}: out of memory while transcribing: {exc}"
                 ) from exc
             raise
-        return _convert_segment(seg)
+        return seg if isinstance(seg, Segment) else _convert_segment(seg)
 
     def close(self) -> None:
         close = getattr(self._generator, "close", None)
@@ -165,6 +203,7 @@ class WhisperHandle:
         self.multilingual: bool = bool(model.model.is_multilingual)
         self.supported_languages: frozenset[str] = frozenset(model.supported_languages)
         self._lock = threading.Lock()
+        self.window_seconds = WINDOW_SECONDS
 
     @property
     def model(self) -> Any:
@@ -235,23 +274,52 @@ class WhisperHandle:
         segments as an iterator that decodes each one when pulled. Blocking."""
         samples, language, temperatures = self._check(audio, task, language, temperature, beam_size)
         model = self.model
+        options: dict[str, Any] = {
+            "task": task,
+            "beam_size": beam_size,
+            "temperature": list(temperatures),
+            "initial_prompt": prompt or None,
+            "word_timestamps": word_timestamps,
+            "vad_filter": vad_filter,
+            "hotwords": hotwords or None,
+        }
+        window = int(self.window_seconds * SAMPLE_RATE)
+        bounds = list(_bounds(samples, samples.size, window, int(_CUT_SEARCH_S * SAMPLE_RATE)))
+        first, end = bounds[0]
+        generator, info = self._transcribe(model, samples[first:end], language, options)
+        if len(bounds) == 1:
+            return SegmentStream(iter(generator), info, self.model_id)
+
+        def windows() -> Iterator[Segment]:
+            # Later windows keep the language of the first (detected there, or the one asked for).
+            index = 0
+            for k, (start, end) in enumerate(bounds):
+                segments = (
+                    generator
+                    if k == 0
+                    else self._transcribe(model, samples[start:end], info.language, options)[0]
+                )
+                try:
+                    for seg in segments:
+                        yield _shifted(_convert_segment(seg), start / SAMPLE_RATE, index)
+                        index += 1
+                finally:
+                    close = getattr(segments, "close", None)
+                    if callable(close):
+                        close()
+
+        return SegmentStream(windows(), info, self.model_id, duration=samples.size / SAMPLE_RATE)
+
+    def _transcribe(
+        self, model: Any, samples: npt.NDArray[np.float32], language: str | None, options: dict[str, Any]
+    ) -> tuple[Iterator[Any], Any]:
         try:
-            generator, info = model.transcribe(
-                samples,
-                language=language,
-                task=task,
-                beam_size=beam_size,
-                temperature=list(temperatures),
-                initial_prompt=prompt or None,
-                word_timestamps=word_timestamps,
-                vad_filter=vad_filter,
-                hotwords=hotwords or None,
-            )
+            generator, info = model.transcribe(samples, language=language, **options)
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise BackendOutOfMemory(f"{self.model_id}: out of memory while transcribing: {exc}") from exc
             raise
-        return SegmentStream(iter(generator), info, self.model_id)
+        return iter(generator), info
 
     def iter_segments(
         self,
