@@ -51,7 +51,9 @@ def surround_flac(layout: str = "7.1", rate: int = 48000) -> bytes:
         stream = out.add_stream("flac", rate=rate, layout=layout)
         channels = stream.codec_context.layout.nb_channels
         tone = (np.sin(2 * np.pi * 440 * np.arange(rate) / rate) * 8000).astype("<i2")
-        frame = av.AudioFrame.from_ndarray(np.tile(tone, (channels, 1)).T.reshape(1, -1), format="s16", layout=layout)
+        frame = av.AudioFrame.from_ndarray(
+            np.tile(tone, (channels, 1)).T.reshape(1, -1), format="s16", layout=layout
+        )
         frame.rate = rate
         for packet in stream.encode(frame):
             out.mux(packet)
@@ -104,7 +106,9 @@ async def test_more_channels_than_the_resampler_takes_is_refused_from_the_header
     assert failures(pool, "invalid") == 1
 
 
-async def test_a_crashed_worker_fails_its_request_only_and_is_replaced(pool: DecodePool, jfk_flac: Path) -> None:
+async def test_a_crashed_worker_fails_its_request_only_and_is_replaced(
+    pool: DecodePool, jfk_flac: Path
+) -> None:
     jfk = jfk_flac.read_bytes()
     crashed, beside = await asyncio.gather(
         pool.decode(multichannel_wav(2) + b"CRASH"), pool.decode(jfk), return_exceptions=True
