@@ -115,7 +115,8 @@ async def test_a_crashed_worker_fails_its_request_only_and_is_replaced(
     )
     assert isinstance(crashed, AudioDecodeError)
     assert "worker process died" in str(crashed)
-    assert isinstance(beside, np.ndarray) and beside.size > 10 * 16000  # the decode beside it is unharmed
+    assert isinstance(beside, np.ndarray)
+    assert beside.size > 10 * 16000  # the decode beside it is unharmed
     api = from_exception(crashed)
     assert (api.status, api.code) == (400, "invalid_audio")
     assert failures(pool, "crashed") == 1
