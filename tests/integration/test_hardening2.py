@@ -215,3 +215,31 @@ def test_shutdown_under_load_answers_503_and_logs_no_traceback(
     assert "Traceback" not in log, log[-3000:]
     assert "CancelledError" not in log, log[-3000:]
     assert '"level": "error"' not in log
+
+
+def test_long_audio_is_transcribed_in_windows_with_shifted_timestamps(models_dir: Path, jfk_flac: Path) -> None:
+    import numpy as np
+
+    from earshot.backends.whisper import WhisperBackend
+    from earshot.models.catalog import build_catalog
+
+    catalog = build_catalog(models_dir=models_dir, entries=[], aliases_file=None, builtin_hub_models=False)
+    spec = catalog.resolve(STT)
+    assert spec is not None
+    backend = WhisperBackend()
+    handle = backend.load(spec)
+    try:
+        jfk = np.frombuffer(pcm16(jfk_flac), dtype="<i2").astype(np.float32) / 32768
+        gap = np.zeros(16000 * 4, dtype=np.float32)
+        audio = np.concatenate([jfk, gap, jfk])  # 26 s
+        handle.window_seconds = 15.0  # two windows, the cut in the silence
+        transcript = handle.transcribe(audio)
+        text = " ".join(s.text for s in transcript.segments).lower()
+        assert text.count("country") >= 3, text  # both halves transcribed
+        starts = [s.start for s in transcript.segments]
+        assert starts == sorted(starts)
+        assert any(s.start >= 14.0 for s in transcript.segments)  # the second window, shifted
+        assert [s.id for s in transcript.segments] == list(range(len(transcript.segments)))
+        assert transcript.duration == pytest.approx(len(audio) / 16000)
+    finally:
+        backend.unload(handle)
