@@ -6,6 +6,7 @@ One server for the module (shutdown has its own: it is stopped by the test).
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -155,19 +156,51 @@ def in_use(server: Server) -> int:
     return sum(int(m["in_use"]) for m in ps.get("models", ps if isinstance(ps, list) else []))
 
 
-def test_a_client_that_leaves_has_its_request_cancelled(srv: Server, jfk_flac: Path) -> None:
-    audio = wav(pcm16(jfk_flac) * 30)  # 5.5 minutes: a long inference on tiny.en
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(server: Server, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while in_use(server) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert in_use(server) == 0
+
+
+def test_a_transcription_whose_client_leaves_stops(srv: Server, jfk_flac: Path) -> None:
+    audio = wav(pcm16(jfk_flac) * 30)  # 5.5 minutes: minutes of inference on tiny.en
     assert transcribe(srv, clip_wav(jfk_flac, 1)).status_code == 200  # warm
     count = "earshot_inference_duration_seconds_count"
     before = metric(srv, count)
-    with httpx.Client(base_url=srv.url, timeout=3) as c, pytest.raises(httpx.TimeoutException):
+    with httpx.Client(base_url=srv.url, timeout=8) as c, pytest.raises(httpx.TimeoutException):
         c.post("/v1/audio/transcriptions", files={"file": ("a.wav", audio)}, data={"model": STT})
-    deadline = time.monotonic() + 60
-    while in_use(srv) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert in_use(srv) == 0
+    wait_idle(srv)  # the reference goes once the worker stopped at its next segment
+    used = cpu_seconds(srv.process.pid)
     time.sleep(5)
-    assert metric(srv, count) == before  # the inference was never finished for nobody
+    # No inference goes on for nobody: the server is idle (the inference used ~1 CPU-s per second).
+    assert cpu_seconds(srv.process.pid) - used < 1.5
+    assert metric(srv, count) == before
+    assert healthy(srv)
+
+
+def test_a_speech_request_whose_client_leaves_is_cancelled(srv: Server) -> None:
+    with srv.client() as c:  # warm
+        assert (
+            c.post("/v1/audio/speech", json={"model": TTS, "input": "Hi.", "voice": "jf_alpha"}).status_code
+            == 200
+        )
+    count = "earshot_inference_duration_seconds_count"
+    before = metric(srv, count)
+    text = "The quick brown fox jumps over the lazy dog. " * 80
+    with httpx.Client(base_url=srv.url, timeout=3) as c, pytest.raises(httpx.TimeoutException):
+        c.post(
+            "/v1/audio/speech",
+            json={"model": TTS, "input": text, "voice": "jf_alpha", "response_format": "wav"},
+        )
+    wait_idle(srv)
+    time.sleep(2)
+    assert metric(srv, count) == before
     assert healthy(srv)
 
 
@@ -217,7 +250,9 @@ def test_shutdown_under_load_answers_503_and_logs_no_traceback(
     assert '"level": "error"' not in log
 
 
-def test_long_audio_is_transcribed_in_windows_with_shifted_timestamps(models_dir: Path, jfk_flac: Path) -> None:
+def test_long_audio_is_transcribed_in_windows_with_shifted_timestamps(
+    models_dir: Path, jfk_flac: Path
+) -> None:
     import numpy as np
 
     from earshot.backends.whisper import WhisperBackend

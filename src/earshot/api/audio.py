@@ -211,7 +211,10 @@ class AudioController(Controller):
                 },
             ):
                 started = time.perf_counter()
-                transcript = await services.gate.run(spec.id, handle.transcribe, audio, **options)
+                # Segment by segment, so a cancelled request (client gone) stops at the next one.
+                steps = services.gate.iterate(spec.id, lambda: handle.transcribe_steps(audio, **options))
+                async with aclosing(steps):
+                    transcript = [step async for step in steps if step is not None][-1]
                 services.record_inference(
                     model=spec.id,
                     task=spec.task.value,

@@ -354,6 +354,26 @@ class WhisperHandle:
         finally:
             stream.close()
 
+    def transcribe_steps(self, audio: npt.ArrayLike, **options: Any) -> Iterator[Transcript | None]:
+        """`transcribe` one segment at a time: `None` after each segment, then the `Transcript`.
+        For a caller that pulls it in a worker thread and may stop between segments (a client gone);
+        closing it stops decoding. Takes `transcribe`'s options."""
+        stream = self.stream(audio, **options)
+        segments: list[Segment] = []
+        try:
+            for segment in stream:
+                segments.append(segment)
+                yield None
+        finally:
+            stream.close()
+        yield Transcript(
+            text="".join(s.text for s in segments).strip(),
+            language=stream.language,
+            duration=stream.duration,
+            segments=segments,
+            language_probability=stream.language_probability,
+        )
+
     def transcribe(
         self,
         audio: npt.ArrayLike,
