@@ -47,6 +47,7 @@ DEFAULT_BODY_LIMIT = 64 * 1024
 # JSON text of one character at worst: a `\uXXXX\uXXXX` surrogate pair for one code point.
 JSON_BYTES_PER_CHAR = 12
 SPEECH_FIELDS_SLACK = 64 * 1024
+SHUTTING_DOWN = "The server is shutting down; retry on another instance or once it is back."
 
 
 def speech_body_limit(max_input_chars: int) -> int:
@@ -63,7 +64,20 @@ class _Request:
     scope: anyio.CancelScope
     started: bool = False  # http.response.start sent
     finished: bool = False  # the last body chunk sent
+    taken: bool = False  # the response is this middleware's (an error it sent): the app's is dropped
     why: str | None = None  # "disconnect", "shutdown", "too_large": why it was cancelled
+
+    async def answer(self, send: Send, status: int, message: str, code: str) -> None:
+        """Send an error now if no response has started; end a started one (a stream) cleanly."""
+        if self.taken or self.finished:
+            return
+        self.taken = True
+        with _suppress():
+            if not self.started:
+                await _send_error(send, status, message, code, retry=status == 503)
+            else:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.finished = True
 
 
 @dataclass(eq=False)
@@ -75,6 +89,7 @@ class RequestLimits:
     default_body_limit: int = DEFAULT_BODY_LIMIT
     _inflight: set[_Request] = field(default_factory=set)
     _closing: bool = False
+    _ended: anyio.Event | None = None  # set at the end of the shutdown grace
     _timer: asyncio.TimerHandle | None = None
 
     def middleware(self, app: Any) -> Any:  # Litestar's ASGIApp in, ASGIApp out
@@ -102,10 +117,8 @@ class RequestLimits:
         self._timer = loop.call_later(max(0.0, grace), self.end_all)
 
     def end_all(self) -> None:
-        for request in list(self._inflight):
-            if not request.finished:
-                request.why = request.why or "shutdown"
-                request.scope.cancel()
+        if self._ended is not None:
+            self._ended.set()
 
     # -- the middleware ------------------------------------------------------------------------
 
@@ -119,12 +132,19 @@ class RequestLimits:
             await _send_error(send, 413, _too_large(limit), "request_too_large")
             return
         if self._closing:
-            await _send_error(send, 503, "The server is shutting down.", "shutting_down", retry=True)
+            await _send_error(send, 503, SHUTTING_DOWN, "shutting_down", retry=True)
             return
+        if self._ended is None:
+            self._ended = anyio.Event()
         request = _Request(anyio.CancelScope())
         self._inflight.add(request)
         try:
             await self._serve(app, request, scope, receive, send, limit)
+        except asyncio.CancelledError:
+            # uvicorn's own graceful-shutdown timeout cancels what still runs: the client has its
+            # answer already (503 at the grace) or gets it now; no traceback, no plain-text 500.
+            with anyio.CancelScope(shield=True):
+                await request.answer(send, 503, SHUTTING_DOWN, "shutting_down")
         finally:
             self._inflight.discard(request)
 
@@ -134,6 +154,8 @@ class RequestLimits:
         received = 0
         body_done = False
         gone = anyio.Event()
+        ended = self._ended
+        assert ended is not None
 
         async with anyio.create_task_group() as tg:
 
@@ -144,6 +166,17 @@ class RequestLimits:
                     if not request.finished and request.why is None:
                         request.why = "disconnect"
                         request.scope.cancel()
+
+            async def at_grace() -> None:
+                await ended.wait()
+                if request.finished or request.why is not None:
+                    return
+                request.why = "shutdown"
+                request.scope.cancel()  # first: the handler must not see the 503 end its receive()
+                # Answer now: the handler may take a moment to stop (an inference ends at its
+                # next segment), and the client should not wait for that.
+                with anyio.CancelScope(shield=True):
+                    await request.answer(send, 503, SHUTTING_DOWN, "shutting_down")
 
             async def inner_receive() -> Message:
                 nonlocal received, body_done
@@ -156,6 +189,8 @@ class RequestLimits:
                     if received > limit:
                         request.why = "too_large"
                         request.scope.cancel()
+                        with anyio.CancelScope(shield=True):
+                            await request.answer(send, 413, _too_large(limit), "request_too_large")
                         await anyio.lowlevel.checkpoint()  # raises the cancellation, past Litestar
                     if not message.get("more_body", False):
                         body_done = True
@@ -166,42 +201,29 @@ class RequestLimits:
                 return message
 
             async def inner_send(message: Message) -> None:
+                if request.taken:
+                    return  # answered from here already (503 at the grace, 413): the app's is dropped
                 if message["type"] == "http.response.start":
                     request.started = True
                 elif message["type"] == "http.response.body" and not message.get("more_body", False):
                     request.finished = True
                 await send(message)
 
-            cancelled_from_outside = False
+            tg.start_soon(at_grace)
             with request.scope:
                 try:
                     await app(scope, inner_receive, inner_send)
-                except asyncio.CancelledError:
-                    if request.scope.cancel_called:
-                        raise  # ours: the scope swallows it
-                    # uvicorn's own shutdown timeout (or the server's task being cancelled): answer
-                    # with 503 below rather than a plain-text 500 and a traceback.
-                    cancelled_from_outside = True
-                    request.why = "shutdown"
+                except Exception:
+                    if not request.taken:
+                        raise
+                    # What the handler raised on its way out after this middleware answered (its
+                    # body cut short by the 503) is no error of the server.
+                    log.debug("request ended after its answer was sent", exc_info=True)
             tg.cancel_scope.cancel()
 
-        why = request.why
-        if why is None:
-            return
-        if why == "disconnect":
+        if request.why == "disconnect":
             log.info("client disconnected: request cancelled", extra={"path": scope.get("path")})
-            return
-        if request.started:
-            if not request.finished:  # end a response cut short (a stream) cleanly
-                with anyio.CancelScope(shield=True), _suppress():
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        with anyio.CancelScope(shield=True), _suppress():
-            if why == "too_large":
-                await _send_error(send, 413, _too_large(limit), "request_too_large")
-            else:
-                await _send_error(send, 503, "The server is shutting down.", "shutting_down", retry=True)
-        if cancelled_from_outside:
+        elif request.why == "shutdown":
             log.info("request ended by shutdown", extra={"path": scope.get("path")})
 
 
