@@ -290,15 +290,18 @@ class WhisperHandle:
         if len(bounds) == 1:
             return SegmentStream(iter(generator), info, self.model_id)
 
+        pending: list[Iterator[Any]] = [generator]  # the first window's, started above
+        del generator
+
         def windows() -> Iterator[Segment]:
             # Later windows keep the language of the first (detected there, or the one asked for).
+            # One window's generator (and so its features) is alive at a time: each is dropped
+            # before the next is started.
             index = 0
-            for k, (start, end) in enumerate(bounds):
-                segments = (
-                    generator
-                    if k == 0
-                    else self._transcribe(model, samples[start:end], info.language, options)[0]
-                )
+            for start, end in bounds:
+                segments = pending.pop() if pending else None
+                if segments is None:
+                    segments = self._transcribe(model, samples[start:end], info.language, options)[0]
                 try:
                     for seg in segments:
                         yield _shifted(_convert_segment(seg), start / SAMPLE_RATE, index)
@@ -307,6 +310,7 @@ class WhisperHandle:
                     close = getattr(segments, "close", None)
                     if callable(close):
                         close()
+                    del segments
 
         return SegmentStream(windows(), info, self.model_id, duration=samples.size / SAMPLE_RATE)
 
