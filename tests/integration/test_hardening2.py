@@ -189,26 +189,6 @@ def test_a_transcription_whose_client_leaves_stops(srv: Server, jfk_flac: Path) 
     assert healthy(srv)
 
 
-def test_a_speech_request_whose_client_leaves_is_cancelled(srv: Server) -> None:
-    with srv.client() as c:  # warm
-        assert (
-            c.post("/v1/audio/speech", json={"model": TTS, "input": "Hi.", "voice": "jf_alpha"}).status_code
-            == 200
-        )
-    count = "earshot_inference_duration_seconds_count"
-    before = metric(srv, count)
-    text = "The quick brown fox jumps over the lazy dog. " * 80
-    with httpx.Client(base_url=srv.url, timeout=3) as c, pytest.raises(httpx.TimeoutException):
-        c.post(
-            "/v1/audio/speech",
-            json={"model": TTS, "input": text, "voice": "jf_alpha", "response_format": "wav"},
-        )
-    wait_idle(srv)
-    time.sleep(2)
-    assert metric(srv, count) == before
-    assert healthy(srv)
-
-
 def test_shutdown_under_load_answers_503_and_logs_no_traceback(
     models_dir: Path, tmp_path: Path, jfk_flac: Path
 ) -> None:
@@ -371,4 +351,27 @@ def test_long_near_silence_costs_memory_within_the_documented_bound(srv: Server,
     print(
         f"peak RSS growth: server {server_mb:.0f} MB, decode worker {workers_mb:.0f} MB, PCM {pcm_mb:.0f} MB"
     )
+    assert healthy(srv)
+
+
+def test_a_speech_request_whose_client_leaves_is_cancelled(srv: Server) -> None:
+    # Last in the module: the non-streamed synthesis is one Kokoro call in a worker thread, which
+    # the cancelled request no longer waits for, but which runs on to its end (see the note in
+    # the report of issue 17); the tests above measure memory and CPU of this server.
+    with srv.client() as c:  # warm
+        assert (
+            c.post("/v1/audio/speech", json={"model": TTS, "input": "Hi.", "voice": "jf_alpha"}).status_code
+            == 200
+        )
+    count = "earshot_inference_duration_seconds_count"
+    before = metric(srv, count)
+    text = "The quick brown fox jumps over the lazy dog. " * 80
+    with httpx.Client(base_url=srv.url, timeout=3) as c, pytest.raises(httpx.TimeoutException):
+        c.post(
+            "/v1/audio/speech",
+            json={"model": TTS, "input": text, "voice": "jf_alpha", "response_format": "wav"},
+        )
+    wait_idle(srv)
+    time.sleep(2)
+    assert metric(srv, count) == before
     assert healthy(srv)
