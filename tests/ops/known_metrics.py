@@ -54,6 +54,8 @@ METRICS: tuple[Metric, ...] = (
     # inference
     _m("earshot_inference_duration_seconds", "histogram", "model", "task"),
     _m("earshot_audio_duration_seconds_total", "counter", "model", "task"),
+    # audio decoding (earshot.audio.pool): reason = invalid/too_long/out_of_memory/crashed/timeout
+    _m("earshot_audio_decode_failures_total", "counter", "reason"),
     # GPU (NVML sampler)
     _m("earshot_gpu_memory_used_bytes", "gauge", "gpu", "uuid"),
     _m("earshot_gpu_memory_total_bytes", "gauge", "gpu", "uuid"),
