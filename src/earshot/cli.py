@@ -78,9 +78,11 @@ def _serve(settings: Settings) -> int:
     import uvicorn
 
     from earshot.main import create_app
+    from earshot.serving import head_limited_protocol
 
     app = create_app(settings)
     events = app.state["observability"].events
+    limits = app.state["limits"]
 
     class Server(uvicorn.Server):
         """uvicorn waits for open connections before the app's shutdown runs; live /api/events
@@ -95,6 +97,8 @@ def _serve(settings: Settings) -> int:
         def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
             if self.loop is not None:
                 self.loop.call_soon_threadsafe(events.close)
+                # Requests still running at the grace get 503 shutting_down (earshot.api.limits).
+                self.loop.call_soon_threadsafe(limits.begin_shutdown, settings.shutdown_grace_seconds)
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
@@ -103,6 +107,7 @@ def _serve(settings: Settings) -> int:
         port=settings.port,
         log_config=None,  # logging is structlog's (observability.logging), configured by the app
         server_header=False,
+        http=head_limited_protocol(int(settings.max_header_bytes), settings.max_headers),
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
     )
     Server(config).run()

@@ -24,10 +24,12 @@ from earshot.api.audio import AudioController
 from earshot.api.auth import api_key_guard
 from earshot.api.errors import EXCEPTION_HANDLERS
 from earshot.api.events import KEEPALIVE_SECONDS, events_router
+from earshot.api.limits import RequestLimits, speech_body_limit
 from earshot.api.metrics import metrics_handler
 from earshot.api.models import ModelsController, PsController
 from earshot.api.services import Services
 from earshot.api.system import config, health, ready
+from earshot.audio.pool import DecodePool
 from earshot.cache.events import Observer
 from earshot.cache.manager import ModelCache
 from earshot.cache.memory import tune_allocator
@@ -108,8 +110,16 @@ def create_app(
     inference = LocalInference(
         cache, catalog.resolve, backends, workers, tracer=obs.tracer, record=obs.record_inference
     )
+    decoder = DecodePool(
+        settings.decode_workers, memory_bytes=int(settings.decode_memory_bytes), registry=obs.registry
+    )
     services = Services(
-        settings=settings, catalog=catalog, inference=inference, workers=workers, resolver=resolver
+        settings=settings,
+        catalog=catalog,
+        inference=inference,
+        workers=workers,
+        resolver=resolver,
+        decoder=decoder,
     )
     realtime_sessions = RealtimeSessions(
         settings.max_realtime_sessions,
@@ -130,6 +140,7 @@ def create_app(
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         obs.start()
         preload = await resolve_preload(resolver, settings.preload_models)  # hub ids too
+        await decoder.warm()
         preloading = cache.start_preload(preload)
         try:
             yield
@@ -137,8 +148,17 @@ def create_app(
             preloading.cancel()
             await asyncio.gather(preloading, return_exceptions=True)
             await cache.close()
+            decoder.close()
             obs.stop()
 
+    upload_limit = int(settings.max_upload_bytes) + FORM_OVERHEAD_BYTES
+    limits = RequestLimits(
+        body_limits={
+            "/v1/audio/speech": speech_body_limit(settings.max_input_chars),
+            "/v1/audio/transcriptions": upload_limit,
+            "/v1/audio/translations": upload_limit,
+        }
+    )
     guards: list[Any] = []
     if settings.api_key is not None:
         guards.append(api_key_guard(settings.api_key.get_secret_value()))
@@ -160,9 +180,9 @@ def create_app(
         exception_handlers=EXCEPTION_HANDLERS,
         guards=guards,
         lifespan=[lifespan],
-        middleware=list(obs.middleware),
+        middleware=[*obs.middleware, limits.middleware],
         plugins=list(obs.plugins),
-        request_max_body_size=int(settings.max_upload_bytes) + FORM_OVERHEAD_BYTES,
+        request_max_body_size=upload_limit,
         openapi_config=OpenAPIConfig(title="earshot", version=__version__, path="/docs"),
         state=State(
             {
@@ -170,6 +190,7 @@ def create_app(
                 "observability": obs,
                 "cache": cache,
                 "realtime_sessions": realtime_sessions,
+                "limits": limits,
             }
         ),
         debug=False,

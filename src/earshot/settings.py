@@ -182,6 +182,18 @@ class Settings(BaseSettings):
     )
     max_audio_seconds: float = Field(7200, gt=0, description="Longest accepted decoded audio, in seconds")
     max_input_chars: int = Field(4096, ge=1, description="Longest accepted text for speech")
+    max_header_bytes: ByteSize = Field(
+        ByteSize(64 * 1024),
+        description="Largest accepted request head (request line and headers together; 431 above)",
+    )
+    max_headers: int = Field(100, ge=1, description="Most headers accepted in one request (431 above)")
+    decode_workers: int = Field(
+        2, ge=1, description="Audio decode processes: decodes at once (more wait; a crash costs one worker)"
+    )
+    decode_memory_bytes: ByteSize = Field(
+        ByteSize(2 * 1024**3),
+        description="Memory one decode process may take beyond its start-up size (a decode over it is 400)",
+    )
 
     max_realtime_sessions: int = Field(
         16,

@@ -366,13 +366,19 @@ def test_hostile_upload_filename_and_content_type_are_ignored(http: httpx.Client
 
 
 @pytest.mark.usefixtures("serving")
-def test_10_mb_speech_input_is_400_string_above_max_length(http: httpx.Client) -> None:
-    """The body limit is max_upload_bytes + 256 KiB (100.25 MB by default), so a 10 MB body is read
-    and max_input_chars (4096) refuses it: 400, not 413. Nothing of the text is echoed."""
+def test_10_mb_speech_input_is_413_from_its_content_length(http: httpx.Client) -> None:
+    """The speech route's body limit fits max_input_chars (4096 characters, at worst 12 bytes each
+    in JSON, plus 64 KB): a 10 MB body is refused from its Content-Length, before it is read.
+    Nothing of the text is echoed."""
     r = speech(http, input="a" * (10 * 1024 * 1024))
+    message = envelope(r, 413, code="request_too_large", param=None)
+    assert "aaaa" not in message
+
+
+def test_speech_input_over_max_input_chars_within_the_body_limit_is_400(http: httpx.Client) -> None:
+    r = speech(http, input="a" * 5000)
     message = envelope(r, 400, code="string_above_max_length", param="input")
     assert "4096" in message
-    assert "10485760" in message
 
 
 # ------------------------------------------------------------------------- unicode and control text

@@ -58,6 +58,8 @@ METRICS: tuple[Metric, ...] = (
     # The counters and the latency histogram are born with the first session, so only the gauge
     # (created at zero per transcription model) is listed for the live check.
     _m("earshot_realtime_sessions_open", "gauge", "model"),
+    # audio decoding (earshot.audio.pool): reason = invalid/too_long/out_of_memory/crashed/timeout
+    _m("earshot_audio_decode_failures_total", "counter", "reason"),
     # GPU (NVML sampler)
     _m("earshot_gpu_memory_used_bytes", "gauge", "gpu", "uuid"),
     _m("earshot_gpu_memory_total_bytes", "gauge", "gpu", "uuid"),

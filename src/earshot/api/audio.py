@@ -7,7 +7,6 @@ byte is sent or the client goes away.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, BinaryIO, Literal, cast
@@ -24,7 +23,6 @@ from opentelemetry import trace
 from earshot.api.errors import ERROR_RESPONSES, bad_request
 from earshot.api.formats import segment_json, to_srt, to_vtt, verbose_json
 from earshot.api.services import Services
-from earshot.audio.decode import decode_audio
 from earshot.audio.encode import CONTENT_TYPES, StreamEncoder, encode_audio
 from earshot.inference import SpeechStream, TranscriptStream
 from earshot.options import TRANSCRIPTION_SAMPLE_RATE, SpeechOptions, TranscribeOptions
@@ -149,13 +147,10 @@ class AudioController(Controller):
             keep_alive=form.keep_alive,
         )
         with tracer.start_as_current_span("decode_audio"):
-            audio = await services.workers.run_work(
-                functools.partial(
-                    decode_audio,
-                    cast(BinaryIO, form.file.file),
-                    sample_rate=TRANSCRIPTION_SAMPLE_RATE,
-                    max_seconds=services.settings.max_audio_seconds,
-                )
+            audio = await services.decoder.decode(
+                cast(BinaryIO, form.file.file),
+                sample_rate=TRANSCRIPTION_SAMPLE_RATE,
+                max_seconds=services.settings.max_audio_seconds,
             )
         if form.stream:
             return ServerSentEvent(_sse(await services.inference.transcribe_stream(spec.id, audio, options)))

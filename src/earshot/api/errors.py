@@ -7,6 +7,7 @@ never 500; a 500 is a bug and is logged with its traceback.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from litestar.status_codes import (
 )
 
 from earshot.audio.errors import AudioDecodeError, AudioTooLong
+from earshot.audio.pool import DecodeBusy
 from earshot.inference.errors import (
     CacheBusy,
     CacheClosed,
@@ -47,6 +49,25 @@ from earshot.models.errors import (
 log = logging.getLogger("earshot.api")
 
 RETRY_AFTER_SECONDS = 5
+# Client input quoted in a message is shown up to this many characters (a 100 KB voice name is not
+# echoed back whole); a message is at most MAX_MESSAGE characters.
+MAX_ECHO = 80
+MAX_MESSAGE = 1024
+_QUOTED = re.compile(f"'[^']{{{MAX_ECHO + 1},}}'|\"[^\"]{{{MAX_ECHO + 1},}}\"")
+# Litestar's words when the multipart parser hits one of its limits (a part's headers over 4 KB,
+# such as a long file name, or too many parts); it answers 400 with them.
+_MULTIPART_LIMIT = "Request Entity Too Large"
+
+
+def shorten(message: str) -> str:
+    """`message` with long quoted runs (client input) cut to MAX_ECHO characters, and capped."""
+
+    def cut(match: re.Match[str]) -> str:
+        text = match.group(0)
+        return text[: MAX_ECHO - 2] + "..." + text[-1]
+
+    message = _QUOTED.sub(cut, message)
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
 
 
 @dataclass
@@ -92,6 +113,7 @@ class APIError(Exception):
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        message = shorten(message)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -164,6 +186,8 @@ def from_exception(exc: Exception) -> APIError:
         return _unavailable(exc.message, "shutting_down")
     if isinstance(exc, CacheError):
         return _unavailable(exc.message, "cache_error")
+    if isinstance(exc, DecodeBusy):
+        return _unavailable(exc.message, "busy")
     if isinstance(exc, AudioTooLong):
         return APIError(HTTP_400_BAD_REQUEST, str(exc), param="file", code="audio_too_long")
     if isinstance(exc, AudioDecodeError):
@@ -179,6 +203,12 @@ def from_exception(exc: Exception) -> APIError:
     if isinstance(exc, HTTPException):
         status = exc.status_code
         message = exc.detail or "error"
+        if status == HTTP_400_BAD_REQUEST and message == _MULTIPART_LIMIT:
+            return bad_request(
+                "The multipart form is over a parser limit: a part's headers (its file name or field "
+                "name) over 4 KB, or too many parts.",
+                code="invalid_multipart",
+            )
         if status == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
             message = "Request body too large; see max_upload_bytes (audio) and max_input_chars (speech)."
             return APIError(status, message, code="request_too_large")

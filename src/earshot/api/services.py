@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from earshot.audio.pool import Decoder, InProcessDecoder
 from earshot.inference import Inference
 from earshot.inference.workers import Workers
 from earshot.models.catalog import Catalog
@@ -21,6 +22,7 @@ class Services:
     catalog: Catalog
     inference: Inference
     workers: Workers
+    decoder: Decoder = field(default_factory=InProcessDecoder)  # untrusted media: main.py passes a DecodePool
     started_at: float = field(default_factory=time.time)
     resolver: HubResolver | None = None  # hub ids on demand; None: the catalog as built
 

@@ -4,8 +4,18 @@ Client bytes are only ever read through a file object: they are never turned int
 and the demuxer may not open anything else (playlists and concat lists reference other files): the
 protocol whitelist is empty, the `io_open` hook refuses every open, and only audio containers are
 accepted (a concat list opens its first entry itself, past `io_open`; the whitelist stops that).
-Duration claims in headers are ignored: samples are counted as they are decoded, and decoding stops
-as soon as `max_seconds` is passed.
+The container's own facts are checked before anything is decoded: more than `MAX_CHANNELS`
+channels, a sample rate under `MIN_SAMPLE_RATE` (a 1 Hz header turns each input sample into 16,000
+output samples) or a claimed duration over `max_seconds` are refused. Claims can lie in the other
+direction, so samples are also counted as they are decoded, and decoding stops as soon as
+`max_seconds` is passed: the output, float32 at `sample_rate`, is the bound on what one decode holds
+(64 KB per second of audio at 16 kHz, 3.75 MiB per minute).
+
+Frames are resampled to *packed* float (one plane, channels interleaved) and down-mixed here: PyAV's
+`to_ndarray` of a planar frame with more than 8 channels reads past FFmpeg's 8 inline data pointers
+and crashes the process (SIGSEGV; 7.1 audio is enough). This module runs in the decode worker
+processes of `earshot.audio.pool` anyway, so a crash that is still left costs one worker, not the
+server.
 """
 
 from __future__ import annotations
@@ -22,7 +32,19 @@ import numpy.typing as npt
 
 from earshot.audio.errors import AudioDecodeError, AudioTooLong
 
-__all__ = ["ALLOWED_CONTAINERS", "AudioDecodeError", "AudioTooLong", "decode_audio"]
+__all__ = [
+    "ALLOWED_CONTAINERS",
+    "MAX_CHANNELS",
+    "MIN_SAMPLE_RATE",
+    "AudioDecodeError",
+    "AudioTooLong",
+    "decode_audio",
+]
+
+#: FFmpeg's resampler (swresample) handles at most 64 channels; more are refused up front.
+MAX_CHANNELS = 64
+#: Lowest input sample rate accepted: below it, resampling multiplies the data (x16 at 1 kHz).
+MIN_SAMPLE_RATE = 1000
 
 AudioSource = BinaryIO | bytes | bytearray | memoryview | os.PathLike[str]
 
@@ -132,14 +154,19 @@ def decode_audio(
             if not container.streams.audio:
                 raise AudioDecodeError("the input has no audio stream")
             stream = container.streams.audio[0]
+            _check_header(container, stream, max_seconds)
             resampler: av.AudioResampler | None = None
 
             def take(frames: list[av.AudioFrame]) -> None:
                 nonlocal total
                 for out in frames:
-                    planes = out.to_ndarray()  # (channels, samples), planar float
-                    data = planes[0] if planes.shape[0] == 1 else planes.mean(axis=0, dtype=np.float32)
-                    data = np.asarray(data, dtype=np.float32).reshape(-1)
+                    channels = out.layout.nb_channels
+                    if channels > MAX_CHANNELS:
+                        raise AudioDecodeError(f"{channels} channels; at most {MAX_CHANNELS} are accepted")
+                    packed = out.to_ndarray().reshape(-1)  # one plane, samples interleaved
+                    if channels > 1:
+                        packed = packed.reshape(-1, channels).mean(axis=1, dtype=np.float32)
+                    data = np.asarray(packed, dtype=np.float32).reshape(-1)
                     if not data.size:
                         continue
                     total += data.size
@@ -151,14 +178,14 @@ def decode_audio(
             try:
                 for frame in _frames(container, stream):
                     if resampler is None:
-                        resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+                        resampler = av.AudioResampler(format="flt", rate=sample_rate)
                     try:
                         take(resampler.resample(frame))
                     except ValueError as exc:  # the stream changed rate/layout/format mid-way
                         if isinstance(exc, AudioTooLong):
                             raise
                         take(resampler.resample(None))
-                        resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+                        resampler = av.AudioResampler(format="flt", rate=sample_rate)
                         take(resampler.resample(frame))
                 if resampler is not None:
                     take(resampler.resample(None))
@@ -174,6 +201,27 @@ def decode_audio(
     samples = np.concatenate(chunks) if len(chunks) > 1 else chunks[0].copy()
     np.clip(samples, -1.0, 1.0, out=samples)
     return samples
+
+
+def _check_header(
+    container: av.container.InputContainer, stream: av.AudioStream, max_seconds: float | None
+) -> None:
+    """Refuse from what the container says, before decoding a sample."""
+    channels = stream.channels
+    if channels > MAX_CHANNELS:
+        raise AudioDecodeError(f"{channels} channels; at most {MAX_CHANNELS} are accepted")
+    rate = stream.rate
+    if rate and rate < MIN_SAMPLE_RATE:
+        raise AudioDecodeError(f"sample rate {rate} Hz; at least {MIN_SAMPLE_RATE} Hz is accepted")
+    if max_seconds is None:
+        return
+    seconds: float | None = None
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        seconds = container.duration / 1_000_000
+    if seconds is not None and seconds > max_seconds:
+        raise AudioTooLong(max_seconds)
 
 
 def _reason(exc: BaseException) -> str:

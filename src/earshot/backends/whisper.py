@@ -1,13 +1,14 @@
 """faster-whisper (CTranslate2) speech-to-text behind the cache's Backend protocol.
 
 Everything here blocks: the cache calls `load`/`unload` in worker threads, and the API runs
-`WhisperHandle.transcribe` (or pulls `iter_segments`) in worker threads too. A handle can serve
+`WhisperHandle.transcribe` (or pulls `stream` segment by segment) in worker threads too. A handle can serve
 several requests at once (CTranslate2 queues them over `num_workers` workers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -47,6 +48,15 @@ SAMPLE_RATE = TRANSCRIPTION_SAMPLE_RATE
 # until certain thresholds are hit" - faster-whisper's fallback schedule.
 _FALLBACK_TEMPERATURES: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
+# Long audio is transcribed in windows of at most this many seconds, one after the other, so memory
+# (faster-whisper computes the log-mel features of all the audio it is given at once: about 1 MB
+# per second of audio) grows with the window, not with the file. Each cut is placed at the quietest
+# 20 ms frame of the window's last `_CUT_SEARCH_S` seconds, so it falls between words where there is
+# a pause; segment and word timestamps are shifted by the window's start.
+WINDOW_SECONDS = 300.0
+_CUT_SEARCH_S = 10.0
+_CUT_FRAME = 320  # samples: 20 ms at 16 kHz
+
 # How long `unload` keeps asking CTranslate2 to free the weights while it reports a batch in flight.
 _UNLOAD_RETRY_S = 1.0
 
@@ -85,17 +95,45 @@ def _convert_segment(seg: Any) -> Segment:
     )
 
 
+def _bounds(
+    samples: npt.NDArray[np.float32] | None, n: int, window: int, search: int
+) -> Iterator[tuple[int, int]]:
+    start = 0
+    while n - start > window:
+        end = start + window
+        if samples is not None and search >= _CUT_FRAME:
+            tail = samples[end - search : end]
+            frames = tail[: len(tail) // _CUT_FRAME * _CUT_FRAME].reshape(-1, _CUT_FRAME)
+            quiet = int(np.argmin(np.einsum("ij,ij->i", frames, frames)))
+            end = end - search + quiet * _CUT_FRAME + _CUT_FRAME // 2
+        yield start, end
+        start = end
+    yield start, n
+
+
+def _shifted(seg: Segment, offset: float, index: int) -> Segment:
+    words = None
+    if seg.words is not None:
+        words = [
+            Word(start=w.start + offset, end=w.end + offset, word=w.word, probability=w.probability)
+            for w in seg.words
+        ]
+    return dataclasses.replace(seg, id=index, start=seg.start + offset, end=seg.end + offset, words=words)
+
+
 class SegmentStream(Iterator[Segment]):
     """The segments of one transcription, decoded as they are pulled (each `next()` blocks while the
     model decodes the next window). `language`, `language_probability` and `duration` are known from
     the start. `close()` (or dropping it) stops decoding."""
 
-    def __init__(self, generator: Iterator[Any], info: Any, model_id: str) -> None:
+    def __init__(
+        self, generator: Iterator[Any], info: Any, model_id: str, *, duration: float | None = None
+    ) -> None:
         self._generator = generator
         self._model_id = model_id
         self.language: str = str(info.language)
         self.language_probability: float = float(info.language_probability)
-        self.duration: float = float(info.duration)
+        self.duration: float = float(info.duration) if duration is None else duration
 
     def __iter__(self) -> SegmentStream:
         return self
@@ -111,7 +149,7 @@ class SegmentStream(Iterator[Segment]):
                     f"{self._model_id}: out of memory while transcribing: {exc}"
                 ) from exc
             raise
-        return _convert_segment(seg)
+        return seg if isinstance(seg, Segment) else _convert_segment(seg)
 
     def transcript(self, segments: list[Segment]) -> Transcript:
         """The whole transcript of this stream, given every segment it yielded."""
@@ -141,6 +179,7 @@ class WhisperHandle:
         self.multilingual: bool = bool(model.model.is_multilingual)
         self.supported_languages: frozenset[str] = frozenset(model.supported_languages)
         self._lock = threading.Lock()
+        self.window_seconds = WINDOW_SECONDS
 
     @property
     def model(self) -> Any:
@@ -189,23 +228,57 @@ class WhisperHandle:
         samples = self._check(audio, options)
         temperatures = _FALLBACK_TEMPERATURES if options.temperature == 0 else (float(options.temperature),)
         model = self.model
+        language = options.language
+        kwargs: dict[str, Any] = {
+            "task": options.task,
+            "beam_size": beam_size,
+            "temperature": list(temperatures),
+            "initial_prompt": options.prompt,
+            "word_timestamps": options.word_timestamps,
+            "vad_filter": options.vad_filter,
+            "hotwords": options.hotwords,
+        }
+        window = int(self.window_seconds * SAMPLE_RATE)
+        bounds = list(_bounds(samples, samples.size, window, int(_CUT_SEARCH_S * SAMPLE_RATE)))
+        first, end = bounds[0]
+        generator, info = self._transcribe(model, samples[first:end], language, kwargs)
+        if len(bounds) == 1:
+            return SegmentStream(iter(generator), info, self.model_id)
+
+        pending: list[Iterator[Any]] = [generator]  # the first window's, started above
+        del generator
+
+        def windows() -> Iterator[Segment]:
+            # Later windows keep the language of the first (detected there, or the one asked for).
+            # One window's generator (and so its features) is alive at a time: each is dropped
+            # before the next is started.
+            index = 0
+            for start, end in bounds:
+                segments = pending.pop() if pending else None
+                if segments is None:
+                    segments = self._transcribe(model, samples[start:end], info.language, kwargs)[0]
+                try:
+                    for seg in segments:
+                        yield _shifted(_convert_segment(seg), start / SAMPLE_RATE, index)
+                        index += 1
+                finally:
+                    close = getattr(segments, "close", None)
+                    if callable(close):
+                        close()
+                    del segments
+
+        return SegmentStream(windows(), info, self.model_id, duration=samples.size / SAMPLE_RATE)
+
+    def _transcribe(
+        self, model: Any, samples: npt.NDArray[np.float32], language: str | None, options: dict[str, Any]
+    ) -> tuple[Iterator[Any], Any]:
         try:
-            generator, info = model.transcribe(
-                samples,
-                language=options.language,
-                task=options.task,
-                beam_size=beam_size,
-                temperature=list(temperatures),
-                initial_prompt=options.prompt,
-                word_timestamps=options.word_timestamps,
-                vad_filter=options.vad_filter,
-                hotwords=options.hotwords,
-            )
+            generator, info = model.transcribe(samples, language=language, **options)
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise BackendOutOfMemory(f"{self.model_id}: out of memory while transcribing: {exc}") from exc
             raise
-        return SegmentStream(iter(generator), info, self.model_id)
+        return iter(generator), info
 
     def transcribe(
         self, audio: npt.ArrayLike, options: TranscribeOptions | None = None, *, beam_size: int = 5
