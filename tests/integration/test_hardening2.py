@@ -355,9 +355,8 @@ def test_long_near_silence_costs_memory_within_the_documented_bound(srv: Server,
 
 
 def test_a_speech_request_whose_client_leaves_is_cancelled(srv: Server) -> None:
-    # Last in the module: the non-streamed synthesis is one Kokoro call in a worker thread, which
-    # the cancelled request no longer waits for, but which runs on to its end (see the note in
-    # the report of issue 17); the tests above measure memory and CPU of this server.
+    # A long non-streamed synthesis runs in pieces of whole sentences (one Kokoro call each): the
+    # cancelled request keeps its model until the piece in progress ends, then starts no other.
     with srv.client() as c:  # warm
         assert (
             c.post("/v1/audio/speech", json={"model": TTS, "input": "Hi.", "voice": "jf_alpha"}).status_code

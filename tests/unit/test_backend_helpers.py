@@ -240,3 +240,12 @@ def test_whisper_unload_gives_up_on_a_model_that_stays_busy(monkeypatch: pytest.
     WhisperBackend(device="cpu").unload(handle)  # returns: the references are dropped anyway
     assert inner.model_is_loaded
     assert inner.calls > 1
+
+
+def test_speech_chunks_join_whole_sentences_up_to_the_limit() -> None:
+    from earshot.backends.kokoro import _chunks
+
+    sentences = ["One.", "Two two.", "Three three three.", "x" * 50]
+    assert _chunks(sentences, 0) == sentences  # streaming: a sentence each
+    assert _chunks(sentences, 1000) == [" ".join(sentences)]  # a short text: one Kokoro call
+    assert _chunks(sentences, 20) == ["One. Two two.", "Three three three.", "x" * 50]

@@ -273,22 +273,38 @@ class KokoroHandle:
         return audio
 
     def iter_synthesize(
-        self, text: str, options: SpeechOptions | None = None
+        self, text: str, options: SpeechOptions | None = None, *, chunk_chars: int = 0
     ) -> Iterator[npt.NDArray[np.float32]]:
-        """The speech of `text`, sentence by sentence, each piece synthesized when pulled: a generator,
-        so nothing runs until the first `next()`, where bad options (`UnknownVoice`, `InvalidInput`)
-        surface before any audio."""
+        """The speech of `text` piece by piece, each synthesized when pulled: a generator, so nothing
+        runs until the first `next()`, where bad options (`UnknownVoice`, `InvalidInput`) surface
+        before any audio. A piece is one sentence (`chunk_chars` 0, for streaming), or as many whole
+        sentences as fit in `chunk_chars` characters, spoken by one Kokoro call (kokoro-onnx batches
+        within it): a short text is a single piece, a long one stops between pieces when its caller
+        does (a client gone)."""
         options = options or SpeechOptions()
         resolved = self.resolve_voice(options.voice or DEFAULT_VOICE)
-        pieces = split_sentences(text)
+        pieces = _chunks(split_sentences(text), chunk_chars)
         if not pieces:
             raise InvalidInput("the input text has nothing to say")
         pause = np.zeros(int(SENTENCE_PAUSE_S * self.sample_rate / options.speed), dtype=np.float32)
         for i, piece in enumerate(pieces):
             audio = self._synthesize(piece, resolved, options)
-            # the pause Kokoro.create puts between the sentences of one text, so a stream sounds
+            # the pause Kokoro.create puts between the sentences of one text, so the pieces sound
             # like the same text synthesized whole
             yield np.concatenate([pause, audio]) if i else audio
+
+
+def _chunks(sentences: list[str], max_chars: int) -> list[str]:
+    """Consecutive sentences joined into pieces of at most `max_chars` (a longer sentence alone)."""
+    if max_chars <= 0:
+        return sentences
+    out: list[str] = []
+    for sentence in sentences:
+        if out and len(out[-1]) + 1 + len(sentence) <= max_chars:
+            out[-1] = f"{out[-1]} {sentence}"
+        else:
+            out.append(sentence)
+    return out
 
 
 def _find_files(path: Path, options: Any) -> tuple[Path, Path]:

@@ -19,6 +19,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Literal, cast
 
 import anyio
+import numpy as np
 from opentelemetry.trace import Span, Tracer
 
 from earshot.cache.events import EvictionReason
@@ -33,6 +34,9 @@ from earshot.options import TRANSCRIPTION_SAMPLE_RATE, SpeechOptions, Transcribe
 from earshot.types import ModelSpec, Segment, Task, Transcript
 
 Recorder = Callable[..., None]
+
+# Characters of text one Kokoro call speaks in a non-streamed synthesis (whole sentences).
+SPEECH_CHUNK_CHARS = 400
 
 _END: Any = object()
 
@@ -206,14 +210,14 @@ class LocalInference:
             started = time.perf_counter()
             span = self._span(model_id, Task.SPEECH)
             try:
-                # One Kokoro.create for the whole text: kokoro-onnx splits it at sentence boundaries
-                # into batches its model accepts, faster than one call per sentence (bench/ tts).
-                samples = await self.workers.run_inference(handle.synthesize, text, options)
+                # Pieces of up to SPEECH_CHUNK_CHARS: a short text is one Kokoro.create (kokoro-onnx
+                # batches within it, faster than a call per sentence: bench/ tts); a long one stops
+                # between pieces when the request is cancelled (client gone).
+                steps = handle.iter_synthesize(text, options, chunk_chars=SPEECH_CHUNK_CHARS)
+                audio = [piece async for piece in self._pull(steps, span)]
+                samples = audio[0] if len(audio) == 1 else np.concatenate(audio)
                 speech = Speech(samples, int(handle.sample_rate))
                 span.set_attribute("earshot.audio_seconds", speech.duration)
-            except BaseException as exc:
-                span.record_exception(exc)
-                raise
             finally:
                 span.end()
             self._record(
@@ -319,6 +323,6 @@ def model_status(state: ModelState, worker: str | None = None) -> ModelStatus:
         memory=dict(state.footprint),
         waiting=state.waiting,
         keep_alive=state.keep_alive,
-        phase=getattr(state, "phase", None),
+        phase=state.phase,
         worker=worker,
     )
