@@ -23,9 +23,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from earshot.types import ModelSpec, Task
 from earshot.models.files import VOICE_FILE_PATTERNS, dir_size, list_dir, task_from_files
 from earshot.models.hub import KNOWN_HUB_MODELS, KNOWN_HUB_OPTIONS, cached_repo_sizes
+from earshot.types import ModelSpec, Task
 
 log = logging.getLogger("earshot.models")
 

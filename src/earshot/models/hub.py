@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from earshot.types import ModelSpec, Task
 from earshot.models.errors import (
     DownloadCancelled,
     HubModelNotFound,
@@ -32,6 +31,7 @@ from earshot.models.errors import (
     shown,
 )
 from earshot.models.files import download_patterns, list_dir
+from earshot.types import ModelSpec, Task
 
 log = logging.getLogger("earshot.models.hub")
 

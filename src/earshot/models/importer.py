@@ -14,9 +14,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from earshot.types import Task
 from earshot.models.catalog import UnsafeModelId, safe_model_dir
 from earshot.models.files import SERVABLE, describe, list_dir, task_from_files
+from earshot.types import Task
 
 
 class ModelImportError(Exception):

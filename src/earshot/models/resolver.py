@@ -17,7 +17,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from earshot.types import ModelSpec
 from earshot.models.catalog import Catalog
 from earshot.models.errors import (
     CatalogFull,
@@ -30,6 +29,7 @@ from earshot.models.errors import (
 )
 from earshot.models.files import SERVABLE, describe, hub_options, needed_files, task_from_files
 from earshot.models.hub import RepoListing, cached_repo_sizes, check_hub_id, from_cache, is_hub_id, lookup
+from earshot.types import ModelSpec
 
 log = logging.getLogger("earshot.models")
 
