@@ -46,8 +46,10 @@ README_SHOTS = {
 }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
+    """Package scope, not session: while sync Playwright runs, an event loop runs in this thread,
+    and the async tests collected after this package could not start theirs."""
     if not CHROMIUM.exists():
         if os.environ.get("CI") == "true":
             pytest.fail(f"{CHROMIUM} is missing: scripts/install-system-deps.sh installs Debian's chromium")
