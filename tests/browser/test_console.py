@@ -275,7 +275,11 @@ def test_a_failed_load_shows_with_its_reason(open_tab: Any, big_catalog_server: 
     assert "broken-tiny" in failed.inner_text()
     assert "failure" in failed.inner_text()
     assert page.locator(row("broken-tiny") + " .state").get_attribute("title")  # the message
-    assert page.locator("#event-counts [data-count='failed loads'] dd").inner_text() == "1"
+    # the counters are redrawn after the row: wait for them rather than read them at once
+    page.wait_for_function(
+        "() => document.querySelector(\"#event-counts [data-count='failed loads'] dd\").textContent === '1'",
+        timeout=10_000,
+    )
     assert page.locator(row("broken-tiny") + " button.load").is_visible()  # can be retried
 
 
