@@ -10,10 +10,10 @@ from bench.common import (
     STT_MODEL,
     BenchResult,
     Context,
-    Row,
     earshot_server,
     log,
     median,
+    median_ratio_row,
     metric_delta,
     quiesce,
     scrape,
@@ -110,27 +110,23 @@ def run(ctx: Context) -> BenchResult:
             lib.append(d[0])
             lib_penalty.append(d[1])
     result.rows.append(
-        Row(
+        median_ratio_row(
             NAME,
             "model load (server-reported), median",
-            median(server_load) * 1000,
-            "ms",
-            baseline=median(lib) * 1000,
-            target=TARGET,
-            target_text=f"ratio <= {TARGET}",
-            note=f"{rounds} rounds; earshot_model_load_duration_seconds vs WhisperModel(...)",
+            server_load,
+            lib,
+            TARGET,
+            f"{rounds} rounds; earshot_model_load_duration_seconds vs WhisperModel(...)",
         )
     )
     result.rows.append(
-        Row(
+        median_ratio_row(
             NAME,
             "first-request penalty (cold - warm), median",
-            median(penalty) * 1000,
-            "ms",
-            baseline=median(lib_penalty) * 1000,
-            target=TARGET,
-            target_text=f"ratio <= {TARGET}",
-            note=f"cold request {median(cold_req) * 1000:.0f} ms, warm {median(warm_req) * 1000:.0f} ms; "
+            penalty,
+            lib_penalty,
+            TARGET,
+            f"cold request {median(cold_req) * 1000:.0f} ms, warm {median(warm_req) * 1000:.0f} ms; "
             "direct: construction + first - second transcription",
         )
     )

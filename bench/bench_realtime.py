@@ -21,6 +21,7 @@ from bench.common import (
     load_model,
     log,
     median,
+    median_ratio_row,
     quiesce,
     scrape,
     summary,
@@ -183,15 +184,13 @@ def run(ctx: Context) -> BenchResult:
         )
         log(f"latency: realtime {median(realtime):.3f} s, offline {median(offline):.3f} s")
         result.rows.append(
-            Row(
+            median_ratio_row(
                 NAME,
                 "commit to completed vs offline transcription, median",
-                median(realtime) * 1000,
-                "ms",
-                baseline=median(offline) * 1000,
-                target=TARGET,
-                target_text=f"ratio <= {TARGET}",
-                note=f"n={reps} each; server-side (histogram mean) {server_latency * 1000:.0f} ms; "
+                realtime,
+                offline,
+                TARGET,
+                f"n={reps} each; server-side (histogram mean) {server_latency * 1000:.0f} ms; "
                 f"same text: {texts.get('realtime', '').strip() == texts.get('offline', '').strip()}",
             )
         )

@@ -16,6 +16,7 @@ from bench.common import (
     load_model,
     log,
     median,
+    median_ratio_row,
     quiesce,
     scrape,
     summary,
@@ -105,15 +106,13 @@ def run(ctx: Context) -> BenchResult:
     labels = {"model": STT_MODEL, "task": "transcription"}
     server_inference_mean = histogram_mean(before, after, "earshot_inference_duration_seconds", **labels)
     result.rows.append(
-        Row(
+        median_ratio_row(
             NAME,
             "request time, median",
-            median(api) * 1000,
-            "ms",
-            baseline=median(lib) * 1000,
-            target=TARGET,
-            target_text=f"ratio <= {TARGET}",
-            note=f"n={n} each; earshot p95 {summary(api)['p95'] * 1000:.0f} ms, "
+            api,
+            lib,
+            TARGET,
+            f"n={n} each; earshot p95 {summary(api)['p95'] * 1000:.0f} ms, "
             f"direct p95 {summary(lib)['p95'] * 1000:.0f} ms; compute_type {compute_type}; "
             f"same text: {texts.get('earshot') == texts.get('direct')}",
         )

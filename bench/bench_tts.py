@@ -17,6 +17,7 @@ from bench.common import (
     load_model,
     log,
     median,
+    median_ratio_row,
     quiesce,
     ratio,
     scrape,
@@ -91,15 +92,13 @@ def run(ctx: Context) -> BenchResult:
     inference_mean = histogram_mean(before, after, "earshot_inference_duration_seconds", **labels)
     api, lib, split = times["earshot"], times["direct"], times["direct_per_sentence"]
     result.rows.append(
-        Row(
+        median_ratio_row(
             NAME,
             "request time, median",
-            median(api) * 1000,
-            "ms",
-            baseline=median(lib) * 1000,
-            target=TARGET,
-            target_text=f"ratio <= {TARGET}",
-            note=f"n={n} each; audio {seconds.get('earshot', 0):.2f} s (earshot) vs "
+            api,
+            lib,
+            TARGET,
+            f"n={n} each; audio {seconds.get('earshot', 0):.2f} s (earshot) vs "
             f"{seconds.get('direct', 0):.2f} s (direct)",
         )
     )

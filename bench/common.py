@@ -109,6 +109,27 @@ class Row:
         return measured is not None and not math.isnan(measured) and measured <= self.target
 
 
+def median_ratio_row(
+    bench: str,
+    metric: str,
+    seconds: list[float],
+    baseline_seconds: list[float],
+    target: float,
+    note: str,
+) -> Row:
+    """A row of medians in milliseconds, earshot's against its baseline's, with a ratio target."""
+    return Row(
+        bench,
+        metric,
+        median(seconds) * 1000,
+        "ms",
+        baseline=median(baseline_seconds) * 1000,
+        target=target,
+        target_text=f"ratio <= {target}",
+        note=note,
+    )
+
+
 @dataclass
 class BenchResult:
     name: str
