@@ -44,12 +44,14 @@ def envelope(
 
 @pytest.fixture(scope="module")
 def strict(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One model at a time, a 1 MiB upload limit, a short wait for room, and an API key."""
+    """One model at a time, a 1 MiB upload limit, a short wait for room, and an API key. The wait
+    (model_load_timeout) also bounds each load: 15 s leaves a cold Kokoro or base load on a loaded CI
+    machine ample time (3 s did not, once), and keeps the cache-full test's wait short."""
     with run_server(
         models_dir,
         tmp_path_factory.mktemp("strict"),
         max_models=1,
-        model_load_timeout=3,
+        model_load_timeout=15,
         max_upload_bytes=1024 * 1024,
         api_key=KEY,
         max_input_chars=500,
@@ -202,7 +204,7 @@ def test_config_redacts_the_key(http: httpx.Client) -> None:
 
 def test_cache_full_is_503_with_retry_after(strict: Server, http: httpx.Client, jfk_flac: Path) -> None:
     """max_models=1: while a streaming speech request holds Kokoro, a Whisper request cannot get room
-    within model_load_timeout (3 s) and gets 503 + Retry-After; once the stream ends, it works."""
+    within model_load_timeout (15 s) and gets 503 + Retry-After; once the stream ends, it works."""
     long_text = " ".join(f"This is sentence number {i} of a long text." for i in range(11))
     assert len(long_text) <= 500
     started = threading.Event()

@@ -1,4 +1,5 @@
-"""GET /v1/audio/voices reads voices from the models' files: a listing never loads (or evicts) a model."""
+"""GET /v1/audio/voices reads voices from the models' files: a listing never loads (or evicts) a model;
+neither does a speech request for a voice the model does not have (checked against the same files)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,23 @@ def test_listing_voices_loads_no_model(one_model: Server) -> None:
         rf'earshot_model_loads_total{{model="{KOKORO}",outcome="success"[^}}]*}} [1-9]', metrics
     )
     assert f'earshot_model_evictions_total{{model="{TINY}",reason="capacity"}} 0.0' in metrics
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_unknown_voice_is_400_before_any_load(one_model: Server, stream: bool) -> None:
+    with one_model.client() as http:
+        assert http.post(f"/api/ps/{TINY}").status_code == 200
+        body: dict[str, object] = {"model": KOKORO, "input": "Hello.", "voice": "nobody"}
+        if stream:
+            body["stream"] = True
+        r = http.post("/v1/audio/speech", json=body)
+        ps = http.get("/api/ps").json()
+        metrics = http.get("/metrics").text
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_voice", "voice")
+    assert "jf_alpha" in error["message"]  # the voices it has, from the files
+    assert [m["model"] for m in ps["models"]] == [TINY]
+    assert not re.search(
+        rf'earshot_model_loads_total{{model="{KOKORO}",outcome="success"[^}}]*}} [1-9]', metrics
+    )

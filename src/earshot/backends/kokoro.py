@@ -7,11 +7,12 @@ once (onnxruntime sessions are thread-safe; kokoro-onnx serializes only espeak p
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,30 @@ def _atempo(samples: npt.NDArray[np.float32], factor: float) -> npt.NDArray[np.f
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
+def resolve_voice(voices: Sequence[str], name: str) -> str:
+    """The voice of `voices` (a model's, sorted) that `name` means: the voice itself, or for an OpenAI
+    voice name (alloy, echo, ...) the voice ending in `_<name>`, else one of the same gender group
+    (cycling), else any. `UnknownVoice` (a 400) for any other name."""
+    if name in voices:
+        return name
+    key = name.strip().lower()
+    if key in voices:
+        return key
+    if key not in OPENAI_VOICES:
+        raise UnknownVoice(name, [*voices, *OPENAI_VOICES])
+    suffixed = [v for v in voices if v.lower().endswith(f"_{key}")]
+    if suffixed:
+        return suffixed[0]
+    gender = OPENAI_VOICES[key]
+    group = [v for v in voices if len(v) > 2 and v[2] == "_" and v[1].lower() == gender]
+    names = [n for n, g in OPENAI_VOICES.items() if g == gender]
+    if group:
+        return group[names.index(key) % len(group)]
+    if not voices:
+        raise UnknownVoice(name, [])
+    return voices[list(OPENAI_VOICES).index(key) % len(voices)]
+
+
 class KokoroHandle:
     """A loaded Kokoro model: what the cache hands the API."""
 
@@ -213,26 +238,8 @@ class KokoroHandle:
         return kokoro
 
     def resolve_voice(self, name: str) -> str:
-        """The model's voice for `name`: the voice itself, or for an OpenAI voice name (alloy, echo,
-        ...) the voice ending in `_<name>`, else one of the same gender group (cycling), else any."""
-        if name in self._styles:
-            return name
-        key = name.strip().lower()
-        if key in self._styles:
-            return key
-        if key not in OPENAI_VOICES:
-            raise UnknownVoice(name, [*self.voices, *OPENAI_VOICES])
-        suffixed = [v for v in self.voices if v.lower().endswith(f"_{key}")]
-        if suffixed:
-            return suffixed[0]
-        gender = OPENAI_VOICES[key]
-        group = [v for v in self.voices if len(v) > 2 and v[2] == "_" and v[1].lower() == gender]
-        names = [n for n, g in OPENAI_VOICES.items() if g == gender]
-        if group:
-            return group[names.index(key) % len(group)]
-        if not self.voices:
-            raise UnknownVoice(name, [])
-        return self.voices[list(OPENAI_VOICES).index(key) % len(self.voices)]
+        """The model's voice for `name` (see `resolve_voice`)."""
+        return resolve_voice(self.voices, name)
 
     def synthesize(self, text: str, options: SpeechOptions | None = None) -> npt.NDArray[np.float32]:
         """Speak `text` with `options.voice` (a model voice or an OpenAI name; default "alloy") at
@@ -338,6 +345,17 @@ def _find_files(path: Path, options: Any) -> tuple[Path, Path]:
         pick("ONNX model", onnx, "onnx_file", ONNX_PREFERRED),
         pick("voices", voices, "voices_file", ("voices.npz", "voices.bin", "voices-v1.0.bin")),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _voice_names(voices_path: str, mtime_ns: int) -> tuple[str, ...]:
+    """The voice names of a voices archive or directory, read once per version of it (`mtime_ns`):
+    speech requests check their voice against them before the model is loaded."""
+    path = Path(voices_path)
+    if path.is_dir():
+        return tuple(sorted(f.stem for f in path.glob("*.bin")))
+    with np.load(path) as npz:
+        return tuple(sorted(npz.files))
 
 
 def _read_voices(voices_path: Path) -> dict[str, npt.NDArray[np.float32]]:
@@ -448,6 +466,14 @@ class KokoroBackend:
     def footprint(self, spec: ModelSpec) -> int:
         return spec_footprint(spec)
 
+    def check(self, spec: ModelSpec, options: SpeechOptions) -> None:
+        """What a request asks of the model that its files can answer before it is loaded: the voice.
+        `UnknownVoice` for a name the model has no voice for, so a bad request loads nothing (and
+        evicts nothing). Nothing is checked while the files are not on this machine."""
+        voices = self.voices(spec)
+        if voices:
+            resolve_voice(voices, options.voice or DEFAULT_VOICE)
+
     def voices(self, spec: ModelSpec) -> list[str]:
         """The model's voices, named by its voices file (the names in the archive, or the per-voice
         files of a voices/ directory): nothing is loaded or downloaded. [] while the model's files are
@@ -457,9 +483,6 @@ class KokoroBackend:
             return []
         try:
             _, voices_path = _find_files(Path(path), spec.options)
-            if voices_path.is_dir():
-                return sorted(f.stem for f in voices_path.glob("*.bin"))
-            with np.load(voices_path) as npz:
-                return sorted(npz.files)
+            return list(_voice_names(str(voices_path), voices_path.stat().st_mtime_ns))
         except (OSError, ValueError):
             return []

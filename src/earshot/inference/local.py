@@ -204,7 +204,16 @@ class LocalInference:
 
     # ------------------------------------------------------------------ text to speech
 
+    async def _check(self, model_id: str, options: SpeechOptions) -> None:
+        """What the backend can check from the model's files before the model is loaded (a speech
+        model's voice): a bad request fails here, and loads (and evicts) nothing."""
+        spec = self._resolve(model_id)
+        check = getattr(self._backends.get(spec.task.value), "check", None) if spec is not None else None
+        if callable(check):
+            await self.workers.run_work(check, spec, options)
+
     async def synthesize(self, model_id: str, text: str, options: SpeechOptions) -> Speech:
+        await self._check(model_id, options)
         async with self._model(model_id, options.keep_alive) as lease:
             handle = lease.handle
             started = time.perf_counter()
@@ -229,6 +238,7 @@ class LocalInference:
         return speech
 
     async def synthesize_stream(self, model_id: str, text: str, options: SpeechOptions) -> _SpeechStream:
+        await self._check(model_id, options)
         stack = AsyncExitStack()
         try:
             lease = await stack.enter_async_context(self._model(model_id, options.keep_alive))
