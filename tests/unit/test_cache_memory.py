@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from earshot.cache import memory
-from earshot.cache.events import Evicted
+from earshot.cache.events import Evicted, Loaded
 from earshot.cache.manager import ModelCache
 from earshot.cache.protocol import ModelSpec, Task, rss_probe
 from earshot.cache.state import CacheConfig
@@ -138,11 +138,13 @@ async def test_an_evicted_handle_is_freed_and_released_in_a_worker_thread() -> N
     events = EventRecorder()
     threads: list[str] = []
     freed_in_release: list[bool] = []
+    refs: list[weakref.ref[object]] = []
 
     def release() -> None:
         threads.append(threading.current_thread().name)
         memory.release_memory()
-        freed_in_release.append(ref() is None)
+        if refs:  # the releases around the load run before there is a handle to watch
+            freed_in_release.append(refs[0]() is None)
 
     cache = ModelCache(
         lambda model_id: make_spec(model_id),
@@ -154,7 +156,8 @@ async def test_an_evicted_handle_is_freed_and_released_in_a_worker_thread() -> N
         release_memory=release,
     )
     lease = await cache.load("a")
-    ref = weakref.ref(lease.handle)
+    assert len(threads) == 2  # released before and after the load, to measure it
+    refs.append(weakref.ref(lease.handle))
     del lease
     assert await cache.unload("a") == "unloaded"
     # The cache dropped every reference before gc ran in the worker: the model was freed there
@@ -239,4 +242,50 @@ async def test_released_bytes_leave_out_memory_others_freed_before_the_unload() 
     assert evicted.footprint_bytes == 100
     assert evicted.released_bytes == 100  # not 600
     assert backend.memory.total == 0
+    await cache.close()
+
+
+def test_load_measured_gives_freed_memory_back_before_each_reading() -> None:
+    """Memory the allocator kept from others before the load, and the load's own temporaries, are
+    returned before the readings: neither is counted as (or hides) the model's."""
+    mem = FakeMemory()
+
+    class Untidy(FakeBackend):
+        def load(self, spec: ModelSpec) -> FakeHandle:
+            handle = super().load(spec)
+            mem.retain(70)  # the load read its file into a buffer and freed it; the allocator kept it
+            return handle
+
+    mem.retain(500)  # request buffers freed before the load: a load reusing them would grow nothing
+    _, footprint = load_measured(Untidy(footprints={"a": 300}, memory=mem), make_spec("a"), mem, mem.trim)
+    assert footprint == {"cpu": 300}
+    _, unreleased = load_measured(Untidy(footprints={"b": 300}, memory=mem), make_spec("b"), mem)
+    assert unreleased == {"cpu": 370}  # what it read without the releases
+
+
+async def test_a_models_footprint_is_the_median_of_its_last_loads() -> None:
+    """One load's reading is noisy under traffic (others allocate and free meanwhile): the footprint in
+    force, for budgets and /api/ps, is the lower median of the model's last readings."""
+    backend = FakeBackend(footprints={"a": 100})
+    events = EventRecorder()
+    cache = ModelCache(
+        lambda model_id: make_spec(model_id),
+        {Task.TRANSCRIPTION.value: backend},
+        CacheConfig(idle_timeout=-1),
+        observers=[events],
+        clock=FakeClock(),
+        memory_probe=backend.memory,
+        release_memory=backend.memory.trim,
+    )
+    for reading in (100, 100, 40, 160):
+        backend.footprints["a"] = reading
+        await cache.load("a")
+        assert await cache.unload("a") == "unloaded"
+    loaded = events.of(Loaded, "a")
+    assert [e.reading_bytes for e in loaded] == [100, 100, 40, 160]
+    assert [e.footprint_bytes for e in loaded] == [100, 100, 100, 100]
+    backend.footprints["a"] = 41
+    await cache.load("a")
+    [state] = cache.snapshot().models
+    assert (state.footprint_bytes, dict(state.footprint)) == (100, {"cpu": 100})  # [40, 41, 100, 100, 160]
     await cache.close()

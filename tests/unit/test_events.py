@@ -30,7 +30,13 @@ def misses(n: int, start: int = 0) -> list[Miss]:
 
 def test_records_are_json_with_kind_time_and_fields() -> None:
     loaded = Loaded(
-        **STT, at=T0 + 0.25, duration_s=1.5, footprint_bytes=10, footprint={"cpu": 10}, reload=True
+        **STT,
+        at=T0 + 0.25,
+        duration_s=1.5,
+        footprint_bytes=10,
+        footprint={"cpu": 10},
+        reload=True,
+        reading_bytes=12,
     )
     assert event_record(loaded, 7) == {
         "id": 7,
@@ -43,6 +49,7 @@ def test_records_are_json_with_kind_time_and_fields() -> None:
         "footprint": {"cpu": 10},
         "measured": True,
         "reload": True,
+        "reading_bytes": 12,
     }
     evicted = Evicted(
         **STT,

@@ -25,6 +25,7 @@ from enum import Enum
 from typing import Any
 
 from earshot.cache.events import EvictionReason
+from earshot.cache.footprint import Footprints
 from earshot.cache.lease import Lease
 from earshot.cache.protocol import Backend, ModelSpec
 
@@ -63,15 +64,17 @@ class IllegalTransition(RuntimeError):
 class Table:
     """The cache's live entries by canonical id, least recently used first, and what outlives them.
 
-    `pins` (per id, set by `load(pin=...)`) and `estimates` (per id: the last measured footprint,
-    else the backend's estimate) are remembered across loads and unloads; an entry reads them.
+    `pins` (per id, set by `load(pin=...)`), `footprints` (per id: the measured readings of its
+    loads, whose median is its footprint) and `estimates` (per id: that footprint's total, else the
+    backend's estimate) are remembered across loads and unloads; an entry reads them.
     """
 
-    __slots__ = ("_entries", "estimates", "pins")
+    __slots__ = ("_entries", "estimates", "footprints", "pins")
 
     def __init__(self) -> None:
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self.pins: dict[str, bool] = {}
+        self.footprints = Footprints()
         self.estimates: dict[str, int] = {}
 
     def create(

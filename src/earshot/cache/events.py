@@ -83,6 +83,9 @@ class Loaded(CacheEvent):
     footprint: Mapping[str, int] = field(default_factory=dict)  # per device: {"cpu": ..., "cuda:0": ...}
     measured: bool = True  # False when the measurement was unusable and the estimate stands in
     reload: bool = False
+    # This load's own reading (bytes, all devices; 0: unusable). `footprint_bytes` is the model's
+    # figure: the median of its last readings (earshot.cache.footprint).
+    reading_bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,7 +20,6 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
-from types import MappingProxyType
 from typing import Any
 
 from earshot.cache import memory
@@ -155,7 +154,7 @@ class ModelCache:
         release_memory: Callable[[], None] | None = None,
         runner: BlockingRunner | None = None,
     ) -> None:
-        """`release_memory` runs in the worker thread after each unload (default: gc.collect() and
+        """`release_memory` runs in the worker thread around each load and unload (default: gc.collect() and
         malloc_trim(0), see `earshot.cache.memory`); tests pass a no-op to skip the full collections.
         `runner` runs the blocking work (default: the cache's own pool, see the class docstring)."""
         self._resolve = resolve
@@ -522,7 +521,9 @@ class ModelCache:
         )
         if self._clock.monotonic() >= deadline:
             raise timeout
-        work = asyncio.ensure_future(self._runner.run(load_measured, entry.backend, spec, self._probe))
+        work = asyncio.ensure_future(
+            self._runner.run(load_measured, entry.backend, spec, self._probe, self._release_memory)
+        )
         try:
             return await wait_until(work, self._clock, deadline)
         except Expired:
@@ -562,10 +563,10 @@ class ModelCache:
         entry.to(_LOADED)
         entry.loaded_at = now
         entry.lease = Lease(spec, handle, "hit")
-        total = sum(footprint.values())
-        if total > 0:
-            entry.footprint = MappingProxyType(footprint)
-            self._table.estimates[spec.id] = total
+        reading = sum(footprint.values())
+        if reading > 0:
+            entry.footprint = self._table.footprints.record(spec.id, footprint)  # median of the last loads
+            self._table.estimates[spec.id] = entry.footprint_bytes
         # else: an unusable measurement; the estimate stands in, per device unknown (measured False)
         assert entry.load_started is not None
         self._publish(
@@ -578,6 +579,7 @@ class ModelCache:
                 footprint=entry.footprint,
                 measured=entry.measured,
                 reload=entry.reload,
+                reading_bytes=reading,
             )
         )
         entry.load_done.set_result(None)

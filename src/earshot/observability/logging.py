@@ -234,6 +234,7 @@ class CacheEventLogger:
                 footprint_bytes=event.footprint_bytes,
                 footprint=dict(event.footprint),
                 measured=event.measured,
+                reading_bytes=event.reading_bytes,
                 reload=event.reload,
             )
         elif isinstance(event, LoadFailed):
