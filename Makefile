@@ -78,7 +78,7 @@ bench: $(VENV)/.installed-bench demo
 	$(PY) -m bench $(BENCH_ARGS)
 
 soak: install-test demo
-	EARSHOT_SOAK_SECONDS=$${EARSHOT_SOAK_SECONDS:-600} $(VENV)/bin/pytest tests/integration/test_soak.py -p no:cacheprovider -v
+	EARSHOT_SOAK_SECONDS=$${EARSHOT_SOAK_SECONDS:-600} $(VENV)/bin/pytest tests/integration/test_soak.py -p no:cacheprovider -v $(PYTEST_ARGS)
 
 stack: install-test demo system-deps
 	$(PY) scripts/stack.py
