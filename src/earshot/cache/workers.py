@@ -44,10 +44,11 @@ def load_measured(
     before each reading, so that both see a heap with its free memory given back: before, memory
     that requests freed (and the allocator kept) would otherwise be reused by the load unseen, and
     after, the load's own temporaries (file buffers, conversions) would be counted as the model's.
-    Without it a model's footprint read 56 to 90 MiB over 16 loads of tiny.en under traffic; with
-    it, see the README's memory section. What the figure can still include is what other threads
-    allocate during the load itself; loads running at the same time inflate each other's deltas
-    (sequential preloads avoid that at start-up).
+    On a quiet server tiny.en then reads 52 MiB on every load after the first (which also pays
+    for one-time library set-up). What a reading can still include is what other threads allocate
+    or free during the load itself (loads running at the same time inflate each other's deltas;
+    sequential preloads avoid that at start-up): `earshot.cache.footprint` makes the model's
+    figure the median of its last readings.
     """
     _release(release, "before a load")
     before = read_probe(probe)
