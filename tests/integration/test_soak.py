@@ -9,12 +9,14 @@ Afterwards:
 - every response is right: transcripts match the clip loosely, speech decodes (PyAV) to a
   plausible duration;
 - for each model, successful loads - evictions (all reasons) == loaded now (/metrics);
-- the server's RSS with no model loaded at the end is within 10 % of its value after the warm-up
+- the server's RSS with no model loaded at the end is at most 10 % above its value after the warm-up
   (the first minute; for runs shorter than three minutes, the first third: ~20 s of the default
   60 s, which already cycles every model through load and eviction several times), and with Kokoro
   freshly loaded within 15 %;
 - each model's footprint (the figure in force after each load: the median of its last readings,
-  earshot.cache.footprint) stays within 10 % of its median from the third load on;
+  earshot.cache.footprint) stays within 10 % of its median from the fifth load on (the first
+  reading of a library pays for its one-time set-up, and a reading taken while other threads free
+  memory is low: a median of fewer than five readings can still sit on such a value);
 - threads and open file descriptors do not grow between those two points.
 
 Both measuring points see the same state: clients paused and every request finished, every model
@@ -67,7 +69,7 @@ EMPTY_SETTLE_SECONDS = 3.0
 RSS_TOLERANCE = 0.15  # Kokoro loaded: its work buffers vary with what it said last
 EMPTY_RSS_TOLERANCE = 0.10  # no model loaded
 FOOTPRINT_TOLERANCE = 0.10
-FOOTPRINT_SETTLED_AFTER = 2  # loads: the figure is a median of the last ones, from the third on
+FOOTPRINT_SETTLED_AFTER = 4  # loads: the figure is a median of the last ones (9), from the fifth on
 THREAD_SLACK = 3
 FD_SLACK = 2
 SENTENCE = "Hello world, this is a soak test."
@@ -318,7 +320,7 @@ def test_soak_eviction_storm(soak_server: Server, jfk_flac: Path) -> None:
     assert all(m["in_use"] == 0 for m in ps)
 
     assert abs(end.rss - warm.rss) <= RSS_TOLERANCE * warm.rss, figures
-    assert abs(end.rss_empty - warm.rss_empty) <= EMPTY_RSS_TOLERANCE * warm.rss_empty, figures
+    assert end.rss_empty - warm.rss_empty <= EMPTY_RSS_TOLERANCE * warm.rss_empty, figures  # no growth
     for m, loads in figures["footprint_mib"].items():  # a stable figure: budgets rest on it
         settled = [f for f, _ in loads[FOOTPRINT_SETTLED_AFTER:]]
         if settled:
