@@ -49,8 +49,8 @@ $(VENV)/.installed-bench: pyproject.toml requirements/bench.txt $(VENV)/.install
 lock: | $(PY)
 	$(PIP) install -q uv
 	$(UV_COMPILE) -o requirements/run.txt
-	$(UV_COMPILE) --extra test --extra lint -o requirements/test.txt
-	$(UV_COMPILE) --extra test --extra lint --extra bench -o requirements/bench.txt
+	$(UV_COMPILE) --extra test --extra lint --extra fleet -o requirements/test.txt
+	$(UV_COMPILE) --extra test --extra lint --extra fleet --extra bench -o requirements/bench.txt
 
 install: $(VENV)/.installed-run
 install-test: $(VENV)/.installed-test
