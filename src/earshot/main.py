@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -93,10 +93,12 @@ def build_local_models(
     backends: Mapping[str, Backend] | None = None,
     observers: Sequence[Observer] = (),
     config: CacheConfig | None = None,
+    record: Callable[..., None] | None = None,
 ) -> LocalModels:
     """Backends (default: faster-whisper and Kokoro per `settings`), the cache with every rule of
     DESIGN §2 (`config`, default from `settings`) observed by `obs` and `observers`, and the
-    `LocalInference` on it. Binds `obs` to the cache (its state gauges) and the catalog."""
+    `LocalInference` on it. Binds `obs` to the cache (its state gauges) and the catalog.
+    `record`: called with each inference's figures too (after `obs.record_inference`)."""
     tuned = tune_allocator()  # before the worker threads: each would get an arena of its own
     if tuned:
         log.info("glibc malloc set: %s", ", ".join(f"{k}={v}" for k, v in tuned.items()))
@@ -114,9 +116,15 @@ def build_local_models(
         runner=workers.load_runner,
     )
     obs.bind(cache, catalog)
-    inference = LocalInference(
-        cache, catalog.resolve, backends, workers, tracer=obs.tracer, record=obs.record_inference
-    )
+    recorder = obs.record_inference
+    if record is not None:
+        also = record
+
+        def recorder(**figures: Any) -> None:
+            obs.record_inference(**figures)
+            also(**figures)
+
+    inference = LocalInference(cache, catalog.resolve, backends, workers, tracer=obs.tracer, record=recorder)
     return LocalModels(backends, workers, cache, inference)
 
 

@@ -221,10 +221,14 @@ class Settings(BaseSettings):
     )
     fleet_workers: int = Field(2, ge=1, description="Fleet: worker replicas (when autoscaling is not set)")
     fleet_min_workers: int | None = Field(
-        None, ge=0, description="Fleet: autoscaling on ongoing requests, fewest workers (with fleet_max_workers)"
+        None,
+        ge=0,
+        description="Fleet: autoscaling on ongoing requests, fewest workers (with fleet_max_workers)",
     )
     fleet_max_workers: int | None = Field(
-        None, ge=1, description="Fleet: autoscaling on ongoing requests, most workers (with fleet_min_workers)"
+        None,
+        ge=1,
+        description="Fleet: autoscaling on ongoing requests, most workers (with fleet_min_workers)",
     )
     fleet_models_per_worker: int = Field(
         2, ge=1, description="Fleet: models one worker holds at most (its max_models and Ray's multiplexing)"
@@ -232,12 +236,6 @@ class Settings(BaseSettings):
     fleet_cpus_per_worker: float = Field(1, gt=0, description="Fleet: CPUs Ray reserves for each worker")
     fleet_gpus_per_worker: float = Field(
         0, ge=0, description="Fleet: GPUs Ray reserves for each worker (1: N GPUs give N workers)"
-    )
-    fleet_ray_port: int = Field(
-        0,
-        ge=0,
-        le=65535,
-        description="Fleet: GCS port of the local Ray earshot starts (0: a free port); unused with ray_address",
     )
 
     models: CliSuppress[list[ModelEntry]] = Field(
