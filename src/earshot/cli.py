@@ -120,7 +120,9 @@ def _serve(settings: Settings) -> int:
 
 
 def _fleet(settings: Settings) -> int:
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # before anything imports Ray
+    from earshot.fleet.run import quiet_ray_env
+
+    quiet_ray_env(loopback=settings.ray_address is None)  # before anything imports Ray
     try:
         import ray.serve  # noqa: F401
     except ImportError:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -21,8 +23,13 @@ APP_NAME = "earshot"
 NAMESPACE = "earshot"
 
 
-def quiet_ray_env() -> None:
+def quiet_ray_env(*, loopback: bool = False) -> None:
+    """Environment for Ray, set before Ray is imported: no usage stats; with `loopback` (a Ray of
+    this machine only), every address Ray would resolve for "127.0.0.1" stays 127.0.0.1 (Ray
+    otherwise swaps in the machine's outward address, where nothing of ours listens)."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    if loopback:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 @dataclass
@@ -34,20 +41,63 @@ class Fleet:
     settings: Settings
 
 
-def start_ray(settings: Settings, **init: Any) -> None:
-    """Join `settings.ray_address`, or start a local Ray bound to 127.0.0.1."""
-    quiet_ray_env()
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def node_args(num_cpus: float, temp_dir: str | None = None, **extra: Any) -> dict[str, Any]:
+    """Arguments of a Ray node on 127.0.0.1 with every port chosen now (none of Ray's defaults,
+    which another Ray on the machine may hold; and a raylet with fixed agent ports does not wait
+    for port files, which on a loaded machine time out), no dashboard."""
+    args: dict[str, Any] = {
+        "num_cpus": num_cpus,
+        "node_ip_address": "127.0.0.1",
+        "include_dashboard": False,
+        "object_store_memory": 200 * 1024 * 1024,
+        "metrics_agent_port": free_port(),
+        "metrics_export_port": free_port(),
+        "dashboard_agent_listen_port": free_port(),
+        "runtime_env_agent_port": free_port(),
+        "object_manager_port": free_port(),
+        "node_manager_port": free_port(),
+        "min_worker_port": 0,
+        "max_worker_port": 0,
+    }
+    if temp_dir is not None:
+        args["temp_dir"] = temp_dir
+    args.update(extra)
+    return args
+
+
+def local_cluster(num_cpus: float, temp_dir: str | None = None) -> Any:
+    """A one-node Ray on 127.0.0.1 (`ray.cluster_utils.Cluster`: unlike `ray.init()`, it keeps the
+    loopback address instead of probing for the machine's outward one); `.shutdown()` stops it.
+    Call before Ray is imported (see `quiet_ray_env`)."""
+    quiet_ray_env(loopback=True)
+    from ray.cluster_utils import Cluster
+
+    if temp_dir is not None:  # Ray writes the cluster's address under $RAY_TMPDIR/ray
+        os.environ["RAY_TMPDIR"] = temp_dir
+        os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
+    else:
+        os.makedirs(os.path.join(tempfile.gettempdir(), "ray"), exist_ok=True)
+    head = node_args(num_cpus, temp_dir, gcs_server_port=free_port())
+    return Cluster(initialize_head=True, head_node_args=head)
+
+
+def start_ray(settings: Settings) -> Any:
+    """Join `settings.ray_address`, or start a local Ray bound to 127.0.0.1 (returned, to stop)."""
+    quiet_ray_env(loopback=settings.ray_address is None)
     import ray
 
-    if settings.ray_address is None:
-        ray.init(
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            namespace=NAMESPACE,
-            **init,
-        )
-    else:
-        ray.init(address=settings.ray_address, namespace=NAMESPACE, **init)
+    if settings.ray_address is not None:
+        ray.init(address=settings.ray_address, namespace=NAMESPACE)
+        return None
+    cluster = local_cluster(float(os.cpu_count() or 1))
+    ray.init(address=cluster.address, namespace=NAMESPACE)
+    return cluster
 
 
 def deploy(settings: Settings, *, heartbeat_s: float = 1.0, lost_after_s: float = 5.0) -> Fleet:
@@ -73,8 +123,9 @@ def deploy(settings: Settings, *, heartbeat_s: float = 1.0, lost_after_s: float 
     return Fleet(handle=handle, board=board, settings=settings)
 
 
-def stop(fleet: Fleet | None = None) -> None:
-    """Delete the app, stop Serve, kill the board (when given), disconnect from Ray."""
+def stop(fleet: Fleet | None = None, cluster: Any = None) -> None:
+    """Delete the app, stop Serve, kill the board (when given), disconnect from Ray, stop the
+    local Ray (when given)."""
     import ray
     from ray import serve
 
@@ -85,6 +136,8 @@ def stop(fleet: Fleet | None = None) -> None:
             with contextlib.suppress(Exception):  # already gone with its owner
                 ray.kill(fleet.board)
         ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
 
 
 def run_fleet(settings: Settings) -> int:
@@ -94,7 +147,7 @@ def run_fleet(settings: Settings) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         stopping.set()
 
-    start_ray(settings)
+    cluster = start_ray(settings)
     fleet: Fleet | None = None
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -108,7 +161,7 @@ def run_fleet(settings: Settings) -> int:
             time.sleep(0.5)
         print("earshot fleet: stopping", flush=True)
     finally:
-        stop(fleet)
+        stop(fleet, cluster)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
