@@ -192,7 +192,8 @@ def test_a_killed_worker_is_replaced_and_no_request_fails_badly(
             assert outcome[1], outcome  # the right words
         else:  # never a 500 or a hang: a clean, retryable 503
             assert outcome[0] == "status", outcome
-            assert outcome[1] == 503 and outcome[2] is not None, outcome
+            assert outcome[1] == 503, outcome
+            assert outcome[2] is not None, outcome  # Retry-After
 
     # The fleet serves again within 60 s, and the restart shows in the events and the metrics.
     deadline = time.monotonic() + 60

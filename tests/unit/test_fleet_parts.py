@@ -72,5 +72,6 @@ async def test_the_board_tracks_workers_events_and_losses() -> None:
     lost = board.reap(now=time.monotonic() + 61)
     assert sorted(lost) == ["w1", "w2"]
     status = await board.status()
-    assert status["workers"] == [] and status["starts"] == 2 and status["losses"] == 2
+    assert status["workers"] == []
+    assert (status["starts"], status["losses"]) == (2, 2)
     assert not await board.push("w1", [], [], 0)  # a lost worker is told to register again
