@@ -82,7 +82,7 @@ def local_cluster(num_cpus: float, temp_dir: str | None = None) -> Any:
         os.environ["RAY_TMPDIR"] = temp_dir
         os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
     else:
-        os.makedirs(os.path.join(tempfile.gettempdir(), "ray"), exist_ok=True)
+        os.makedirs(os.path.join(os.environ.get("RAY_TMPDIR", tempfile.gettempdir()), "ray"), exist_ok=True)
     head = node_args(num_cpus, temp_dir, gcs_server_port=free_port())
     return Cluster(initialize_head=True, head_node_args=head)
 
