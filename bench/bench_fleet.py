@@ -78,9 +78,9 @@ def _models_dir(root: Path) -> Path:
 
     models = root / "models"
     models.mkdir()
-    for entry in MODELS_DIR.iterdir():
-        if entry.is_dir():
-            (models / entry.name).symlink_to(entry.resolve())
+    for entry in MODELS_DIR.iterdir():  # the catalog refuses a symlinked model directory
+        if entry.is_dir() and not entry.name.startswith("."):
+            import_model(entry, models, link=True)
     import_model(MODELS_DIR / STT_MODEL, models, model_id=COPY, link=True)
     return models
 

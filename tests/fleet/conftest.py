@@ -24,7 +24,7 @@ from earshot.fleet.run import Fleet, deploy, free_port, local_cluster, node_args
 from earshot.settings import Settings
 
 HEARTBEAT_S = 0.5
-LOST_AFTER_S = 3.0
+LOST_AFTER_S = 5.0  # silence that makes a worker lost: well above a heartbeat stalled by a loaded machine
 LOAD_TIMEOUT_S = 90.0
 
 

@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from earshot.fleet.errors import Remote, WorkerLost
+from earshot.inference.errors import CacheBusy
 from earshot.inference.protocol import PCM, LoadResult, ModelStatus, Speech
 from earshot.options import SpeechOptions, TranscribeOptions
 from earshot.settings import Settings
@@ -61,6 +62,17 @@ def _worker_gone(exc: BaseException) -> bool:
         if isinstance(cls, type):
             gone = (*gone, cls)
     return isinstance(exc, gone)
+
+
+def _busy(exc: BaseException, model_id: str) -> CacheBusy | None:
+    """Ray's handle queue in front of the workers is full (max_queued_requests): 503 busy."""
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(exc, BackPressureError):
+        return CacheBusy(
+            f"too many requests wait for the fleet's workers (model {model_id}); retry", model=model_id
+        )
+    return None
 
 
 def _lost(model_id: str) -> WorkerLost:
@@ -140,6 +152,9 @@ class FleetInference:
                 remote = _remote(exc)
                 if remote is not None:
                     raise remote.rebuild() from None
+                busy = _busy(exc, model_id or "-")
+                if busy is not None:
+                    raise busy from None
                 if not _worker_gone(exc):
                     raise
                 log.warning("fleet: a worker went away under %s (attempt %d)", method, attempt)
@@ -157,6 +172,9 @@ class FleetInference:
                 remote = _remote(exc)
                 if remote is not None:
                     raise remote.rebuild() from None
+                busy = _busy(exc, model_id)
+                if busy is not None:
+                    raise busy from None
                 if not _worker_gone(exc):
                     raise
                 log.warning("fleet: a worker went away starting %s (attempt %d)", method, attempt)

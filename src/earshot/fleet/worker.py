@@ -310,8 +310,10 @@ def worker_deployment(settings: Settings) -> Any:
             "num_cpus": settings.fleet_cpus_per_worker,
             "num_gpus": settings.fleet_gpus_per_worker,
         },
-        # Requests wait in earshot's cache (bounded by max_waiting_requests), not in Ray's queues.
+        # Requests wait in earshot's cache (bounded by max_waiting_requests); Ray's handle queue in
+        # front of the workers is bounded too (over it: 503 busy at once, as the cache's own bound).
         "max_ongoing_requests": settings.max_waiting_requests + 16,
+        "max_queued_requests": settings.max_waiting_requests,
         "health_check_period_s": 2,
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": settings.shutdown_grace_seconds + 5,
