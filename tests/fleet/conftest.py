@@ -20,7 +20,16 @@ import httpx
 import psutil
 import pytest
 
-from earshot.fleet.run import Fleet, deploy, free_port, local_cluster, node_args, quiet_ray_env, stop
+from earshot.fleet.run import (
+    Fleet,
+    add_node,
+    deploy,
+    free_port,
+    local_cluster,
+    node_args,
+    quiet_ray_env,
+    stop,
+)
 from earshot.settings import Settings
 
 HEARTBEAT_S = 0.5
@@ -69,7 +78,7 @@ def fleet_server(models_dir: Path) -> Iterator[FleetServer]:
     cluster = local_cluster(1, temp_dir)
     fleet: Fleet | None = None
     try:
-        cluster.add_node(**node_args(1, temp_dir))
+        add_node(cluster, lambda: node_args(1, temp_dir))
         ray.init(address=cluster.address, namespace="earshot")
         settings = Settings(
             host="127.0.0.1",

@@ -8,16 +8,20 @@ cluster. RAY_USAGE_STATS_ENABLED=0 is set before Ray is imported.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from earshot.settings import Settings
+
+log = logging.getLogger("earshot.fleet")
 
 APP_NAME = "earshot"
 NAMESPACE = "earshot"
@@ -83,8 +87,36 @@ def local_cluster(num_cpus: float, temp_dir: str | None = None) -> Any:
         os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
     else:
         os.makedirs(os.path.join(os.environ.get("RAY_TMPDIR", tempfile.gettempdir()), "ray"), exist_ok=True)
-    head = node_args(num_cpus, temp_dir, gcs_server_port=free_port())
-    return Cluster(initialize_head=True, head_node_args=head)
+    cluster = Cluster(initialize_head=False)
+    add_node(cluster, lambda: node_args(num_cpus, temp_dir, gcs_server_port=free_port()))
+    return cluster
+
+
+NODE_START_ATTEMPTS = 3
+
+
+def add_node(cluster: Any, args: Callable[[], dict[str, Any]], attempts: int = NODE_START_ATTEMPTS) -> Any:
+    """`cluster.add_node(**args())`, tried again (fresh ports) when the node fails to start.
+
+    Ray's raylet gives its agents a fixed 15 s to write their port files and exits when they are
+    late (ray-project/ray#65983): on a loaded machine a node start fails now and then. The
+    processes a failed attempt left are killed before the next."""
+    import psutil
+
+    me = psutil.Process()
+    for attempt in range(1, attempts + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            return cluster.add_node(**args())
+        except Exception:
+            for proc in me.children(recursive=True):
+                if proc.pid not in before:
+                    with contextlib.suppress(psutil.Error):
+                        proc.kill()
+            if attempt == attempts:
+                raise
+            log.warning("a Ray node failed to start (attempt %d of %d); starting it again", attempt, attempts)
+    raise AssertionError("unreachable")
 
 
 def start_ray(settings: Settings) -> Any:
