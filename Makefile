@@ -7,15 +7,17 @@ PIP := $(PY) -m pip --disable-pip-version-check
 EARSHOT := $(VENV)/bin/earshot
 HOST ?= 127.0.0.1
 PORT ?= 8000
+FLEET_WORKERS ?= 2
 PYTEST_ARGS ?=
 LOCK_ARGS ?=
 # The locks are for the Python this project runs on (DESIGN: >= 3.11; CI and the Dockerfile: 3.11).
 UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 --quiet $(LOCK_ARGS)
 
-.PHONY: help venv install install-test demo run test lint lock system-deps bench soak stack clean
+.PHONY: help venv install install-test demo run fleet test lint lock system-deps bench soak stack clean
 
 help:
 	@echo "make run    - install earshot and the demo models into $(VENV), serve on $(HOST):$(PORT)"
+	@echo "make fleet  - like run, as a fleet on Ray Serve (local Ray on 127.0.0.1, FLEET_WORKERS=$(FLEET_WORKERS) workers)"
 	@echo "make test   - install test dependencies, lint, run the whole suite"
 	@echo "make lint   - ruff, mypy (strict, src/), import-linter"
 	@echo "make bench  - benchmarks (not part of make test), results in bench/results/"
@@ -49,8 +51,8 @@ $(VENV)/.installed-bench: pyproject.toml requirements/bench.txt $(VENV)/.install
 lock: | $(PY)
 	$(PIP) install -q uv
 	$(UV_COMPILE) -o requirements/run.txt
-	$(UV_COMPILE) --extra test --extra lint -o requirements/test.txt
-	$(UV_COMPILE) --extra test --extra lint --extra bench -o requirements/bench.txt
+	$(UV_COMPILE) --extra test --extra lint --extra fleet -o requirements/test.txt
+	$(UV_COMPILE) --extra test --extra lint --extra fleet --extra bench -o requirements/bench.txt
 
 install: $(VENV)/.installed-run
 install-test: $(VENV)/.installed-test
@@ -60,6 +62,14 @@ demo: install
 
 run: demo
 	$(EARSHOT) serve --host $(HOST) --port $(PORT)
+
+# The fleet: the run lock plus the fleet extra (Ray Serve), every version as the test lock pins it.
+$(VENV)/.installed-fleet: pyproject.toml requirements/run.txt requirements/test.txt $(VENV)/.installed-run
+	$(PIP) install -q -r requirements/run.txt -c requirements/test.txt -e ".[fleet]"
+	@touch $@
+
+fleet: $(VENV)/.installed-fleet demo
+	$(EARSHOT) fleet --host $(HOST) --port $(PORT) --fleet-workers $(FLEET_WORKERS)
 
 system-deps:
 	bash scripts/install-system-deps.sh

@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "metrics": ("bench.bench_metrics", 6),
     "throughput": ("bench.bench_throughput", 7),
     "realtime": ("bench.bench_realtime", 8),
+    "fleet": ("bench.bench_fleet", 9),
     # figures for the operators' notes, not comparisons
     "models": ("bench.bench_models", 0),
     "formats": ("bench.bench_formats", 0),

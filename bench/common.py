@@ -196,10 +196,18 @@ def _die_with_parent() -> None:
 
 @contextlib.contextmanager
 def earshot_server(
-    ctx: Context, name: str, *, ready_timeout: float = 120, **settings: Any
+    ctx: Context,
+    name: str,
+    *,
+    ready_timeout: float = 120,
+    command: str = "serve",
+    models_dir: Path = MODELS_DIR,
+    stop_timeout: float = 30,
+    **settings: Any,
 ) -> Iterator[BenchServer]:
-    """The real server (`earshot serve`, one uvicorn process) on a free 127.0.0.1 port, with the demo
-    models of ./models and default settings otherwise (overridden by `settings`). Stopped on every
+    """The real server (`earshot serve`, one uvicorn process; or `command`, e.g. "fleet") on a free
+    127.0.0.1 port, with the demo models of ./models (or `models_dir`) and default settings
+    otherwise (overridden by `settings`). Stopped on every
     path (SIGTERM to its process group, SIGKILL after 30 s). Under `--profile NAME` for this
     benchmark it runs inside pyinstrument (bench._profiled_server), which writes the profile on exit.
     """
@@ -207,7 +215,7 @@ def earshot_server(
 
     settings.setdefault("nvml_interval_seconds", 5)  # the default (server_env sets 1 for tests)
     port = free_port()
-    env = server_env(MODELS_DIR, settings)
+    env = server_env(models_dir, settings)
     env["EARSHOT_PORT"] = str(port)
     env["EARSHOT_HOST"] = "127.0.0.1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
@@ -216,7 +224,7 @@ def earshot_server(
     if ctx.profiling(name):
         argv = [sys.executable, "-m", "bench._profiled_server", str(ctx.profile_base(name))]
     else:
-        argv = [sys.executable, "-m", "earshot.cli", "serve"]
+        argv = [sys.executable, "-m", "earshot.cli", command]
     with log_path.open("wb") as out:
         process = subprocess.Popen(
             argv,
@@ -245,7 +253,7 @@ def earshot_server(
         raise
     finally:
         # A profiled server writes its profile while shutting down: give it time.
-        stop(process, timeout=120 if ctx.profiling(name) else 30)
+        stop(process, timeout=120 if ctx.profiling(name) else stop_timeout)
 
 
 # --------------------------------------------------------------------------- talking to it

@@ -63,6 +63,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, CliSettingsSource
     imp.add_argument("--link", action="store_true", help="link the files instead of copying them")
     sources["models import"] = _settings_parser(imp)
 
+    fleet = sub.add_parser(
+        "fleet", help="serve the API from a fleet of workers on Ray Serve (earshot[fleet])"
+    )
+    sources["fleet"] = _settings_parser(fleet)
+
     ps = sub.add_parser("ps", help="show loaded models of a running server")
     ps.add_argument("--watch", action="store_true", help="follow cache events as they happen")
     ps.add_argument("--url", help="server base URL (default: base_url setting)")
@@ -112,6 +117,20 @@ def _serve(settings: Settings) -> int:
     )
     Server(config).run()
     return 0
+
+
+def _fleet(settings: Settings) -> int:
+    from earshot.fleet.run import quiet_ray_env
+
+    quiet_ray_env(loopback=settings.ray_address is None)  # before anything imports Ray
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        print("earshot: the fleet needs Ray Serve: pip install 'earshot[fleet]'", file=sys.stderr)
+        return 2
+    from earshot.fleet.run import run_fleet
+
+    return run_fleet(settings)
 
 
 def _print_config(settings: Settings, as_json: bool) -> int:
@@ -224,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if command == "serve":
         return _serve(settings)
+    if command == "fleet":
+        return _fleet(settings)
     if command == "config":
         return _print_config(settings, args.json)
     if command == "models list":

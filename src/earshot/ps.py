@@ -109,9 +109,14 @@ def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] = COLUMNS)
 
 
 def ps_table(payload: Mapping[str, Any], now: datetime | None = None) -> str:
-    """The table of a GET /api/ps answer."""
+    """The table of a GET /api/ps answer (a fleet's, whose models name their worker: a WORKER
+    column too)."""
     now = now or datetime.now(UTC)
-    return format_table([_row(m, now) for m in payload.get("models", [])])
+    models = payload.get("models", [])
+    if any("worker" in m for m in models):
+        rows = [(*_row(m, now), str(m.get("worker", "-"))) for m in models]
+        return format_table(rows, (*COLUMNS, "WORKER"))
+    return format_table([_row(m, now) for m in models])
 
 
 def _detail(key: str, value: Any) -> str:
@@ -136,7 +141,12 @@ def event_line(record: Mapping[str, Any]) -> str:
     at = _parse_time(record.get("at"))
     when = at.astimezone().strftime("%H:%M:%S.%f")[:-3] if at else "--:--:--.---"
     details = " ".join(_detail(k, v) for k, v in record.items() if k not in _EVENT_KEYS)
-    line = f"{when}  {record.get('event', '?'):<18}  {record.get('model', '?')} ({record.get('task', '?')})"
+    if record.get("model") is None and "worker" in record:  # a fleet worker's own event
+        subject = f"worker {record['worker']}"
+        details = " ".join(_detail(k, v) for k, v in record.items() if k not in (*_EVENT_KEYS, "worker"))
+    else:
+        subject = f"{record.get('model', '?')} ({record.get('task', '?')})"
+    line = f"{when}  {record.get('event', '?'):<18}  {subject}"
     return f"{line}  {details}" if details else line
 
 

@@ -215,6 +215,29 @@ class Settings(BaseSettings):
         None, description="OTLP/HTTP traces endpoint, e.g. http://localhost:4318/v1/traces; unset: no export"
     )
 
+    ray_address: str | None = Field(
+        None,
+        description="Fleet: the Ray cluster to join (`auto`, or an address such as 10.0.0.1:6379); unset: start a local Ray on 127.0.0.1",
+    )
+    fleet_workers: int = Field(2, ge=1, description="Fleet: worker replicas (when autoscaling is not set)")
+    fleet_min_workers: int | None = Field(
+        None,
+        ge=0,
+        description="Fleet: autoscaling on ongoing requests, fewest workers (with fleet_max_workers)",
+    )
+    fleet_max_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Fleet: autoscaling on ongoing requests, most workers (with fleet_min_workers)",
+    )
+    fleet_models_per_worker: int = Field(
+        2, ge=1, description="Fleet: models one worker holds at most (its max_models and Ray's multiplexing)"
+    )
+    fleet_cpus_per_worker: float = Field(1, gt=0, description="Fleet: CPUs Ray reserves for each worker")
+    fleet_gpus_per_worker: float = Field(
+        0, ge=0, description="Fleet: GPUs Ray reserves for each worker (1: N GPUs give N workers)"
+    )
+
     models: CliSuppress[list[ModelEntry]] = Field(
         default_factory=list, description="Models declared in config.yaml (`models:`)"
     )
@@ -227,6 +250,15 @@ class Settings(BaseSettings):
         if value < 0 and value != -1:
             raise ValueError("must be -1 (never unload), 0 (unload after each request) or a positive number")
         return value
+
+    @model_validator(mode="after")
+    def _fleet_scale(self) -> Settings:
+        lo, hi = self.fleet_min_workers, self.fleet_max_workers
+        if (lo is None) != (hi is None):
+            raise ValueError("fleet_min_workers and fleet_max_workers go together: set both, or neither")
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"fleet_min_workers ({lo}) is above fleet_max_workers ({hi})")
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -485,6 +517,9 @@ def _explain(exc: ValidationError, cli_values: Mapping[str, Any], options: _Load
         where = attribution.get(name, "default")
         shown = ".".join(loc)
         msg = error["msg"]
+        if not loc:  # a rule across settings (a model validator): its message names them
+            lines.append(f"invalid settings: {msg.removeprefix('Value error, ')}")
+            continue
         if error["type"] == "extra_forbidden":
             lines.append(f"unknown setting {shown!r} (from {where})")
             continue

@@ -144,7 +144,7 @@ async def test_a_cancelled_stream_stops_at_the_next_segment_and_gives_the_model_
     with pytest.raises(asyncio.CancelledError):
         await consumer
     await stream.aclose()
-    [state] = inference.status()
+    [state] = inference.status_now()
     assert state.in_use == 0
     assert backend.running == []
 
@@ -162,7 +162,7 @@ async def test_a_stream_opened_in_one_task_is_read_and_closed_in_another() -> No
             await stream.aclose()
 
     assert await asyncio.create_task(send()) == [" word1", " word2"]
-    [state] = inference.status()
+    [state] = inference.status_now()
     assert state.in_use == 0
     assert inference.workers.slots("a").value == 1  # the slot is back
 
@@ -183,12 +183,12 @@ async def test_a_request_cancelled_during_inference_gives_the_model_back_after_i
     await eventually(lambda: len(backend.running) == 1)
     task.cancel()
     await asyncio.sleep(0.05)
-    [state] = inference.status()
+    [state] = inference.status_now()
     assert state.in_use == 1  # the step in progress still uses the model
     backend.gate.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await eventually(lambda: inference.status()[0].in_use == 0)
+    await eventually(lambda: inference.status_now()[0].in_use == 0)
     assert inference.workers.slots("a").value == 1
     assert backend.running == []
 
@@ -206,4 +206,4 @@ async def test_a_held_model_is_given_back_when_the_holder_is_cancelled_mid_infer
     backend.gate.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await eventually(lambda: inference.status()[0].in_use == 0)
+    await eventually(lambda: inference.status_now()[0].in_use == 0)

@@ -36,8 +36,8 @@ class LoadRequest(msgspec.Struct, kw_only=True):
     pin: bool | None = None
 
 
-def _statuses(services: Services) -> dict[str, ModelStatus]:
-    return {m.id: m for m in services.inference.status()}
+async def _statuses(services: Services) -> dict[str, ModelStatus]:
+    return {m.id: m for m in await services.inference.status()}
 
 
 def model_object(services: Services, spec: ModelSpec, state: ModelStatus | None) -> dict[str, Any]:
@@ -116,7 +116,7 @@ class ModelsController(Controller):
 
     @get("/", responses=ERROR_RESPONSES, summary="List models (OpenAI shape, plus task and loaded)")
     async def list_models(self, services: Services) -> dict[str, Any]:
-        states = _statuses(services)
+        states = await _statuses(services)
         data = [model_object(services, spec, states.get(spec.id)) for spec in services.catalog.specs.values()]
         data.sort(key=lambda m: m["id"])
         return {"object": "list", "data": data}
@@ -124,7 +124,7 @@ class ModelsController(Controller):
     @get("/{model_id:path}", responses=ERROR_RESPONSES, summary="Describe a model")
     async def get_model(self, services: Services, model_id: ModelPath) -> dict[str, Any]:
         spec = await services.ensure(_model_id(model_id))
-        return model_object(services, spec, _statuses(services).get(spec.id))
+        return model_object(services, spec, (await _statuses(services)).get(spec.id))
 
     @post(
         "/{model_id:path}",
@@ -136,7 +136,7 @@ class ModelsController(Controller):
         self, services: Services, model_id: ModelPath, data: OptionalLoad = None
     ) -> dict[str, Any]:
         spec = await _load(services, _model_id(model_id), data)
-        return model_object(services, spec, _statuses(services).get(spec.id))
+        return model_object(services, spec, (await _statuses(services)).get(spec.id))
 
     @delete("/{model_id:path}", status_code=HTTP_200_OK, responses=ERROR_RESPONSES, summary="Unload a model")
     async def unload_model(self, services: Services, model_id: ModelPath) -> Response[dict[str, Any]]:
@@ -153,7 +153,7 @@ class PsController(Controller):
         realtime = state.get("realtime_sessions")  # earshot.realtime.registry.RealtimeSessions
         sessions: dict[str, int] = realtime.open_by_model() if realtime is not None else {}
         return {
-            "models": [{**ps_entry(m), "sessions": sessions.get(m.id, 0)} for m in inference.status()],
+            "models": [{**ps_entry(m), "sessions": sessions.get(m.id, 0)} for m in await inference.status()],
             "waiting_requests": inference.waiting_requests(),
             **inference.describe(),
         }
@@ -168,7 +168,7 @@ class PsController(Controller):
         self, services: Services, model_id: ModelPath, data: OptionalLoad = None
     ) -> dict[str, Any]:
         spec = await _load(services, _model_id(model_id), data)
-        state = _statuses(services).get(spec.id)
+        state = (await _statuses(services)).get(spec.id)
         return ps_entry(state) if state else {"model": spec.id, "loaded": False}
 
     @delete("/{model_id:path}", status_code=HTTP_200_OK, responses=ERROR_RESPONSES, summary="Unload a model")

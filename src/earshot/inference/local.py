@@ -296,8 +296,12 @@ class LocalInference:
         result = await self._cache.unload(model_id, EvictionReason.MANUAL)
         return cast(Literal["unloaded", "scheduled", "not_loaded"], result)
 
-    def status(self) -> Sequence[ModelStatus]:
-        return [model_status(m) for m in self._cache.snapshot().models]
+    async def status(self) -> Sequence[ModelStatus]:
+        return self.status_now()
+
+    def status_now(self, worker: str | None = None) -> list[ModelStatus]:
+        """`status()` without awaiting (the cache's table is read on the event loop)."""
+        return [model_status(m, worker) for m in self._cache.snapshot().models]
 
     def waiting_requests(self) -> int:
         return self._cache.snapshot().waiting_requests

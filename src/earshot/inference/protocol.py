@@ -9,7 +9,7 @@ float32 PCM at the stream's or result's `sample_rate`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -131,12 +131,14 @@ class Inference(Protocol):
         """Unload now if idle, else when its last reference goes."""
         ...
 
-    def status(self) -> Sequence[ModelStatus]:
-        """The models in memory or loading, most recently used first."""
+    async def status(self) -> Sequence[ModelStatus]:
+        """The models in memory or loading, most recently used first (async: a fleet asks its
+        workers)."""
         ...
 
     def waiting_requests(self) -> int:
-        """Requests waiting right now (for a load, for room, or for an inference slot)."""
+        """Requests waiting right now (for a load, for room, or for an inference slot); in a fleet,
+        as of the last `status()`."""
         ...
 
     @property
@@ -146,4 +148,18 @@ class Inference(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """Limits in force (max_models, memory_budget_bytes, ...) for `/api/ps` and the console."""
+        ...
+
+
+class RemoteInference(Inference, Protocol):
+    """An inference service whose models run elsewhere (the fleet's workers), handed to
+    `create_app(inference=...)` in place of a local cache; the app's lifespan starts and closes it."""
+
+    async def start(self, *, preload: Sequence[str], publish: Callable[[dict[str, Any]], None]) -> None:
+        """Begin: relay the workers' cache events to `publish` (the app's event log, /api/events)
+        and load the `preload` models (catalog ids) on the workers."""
+        ...
+
+    async def close(self) -> None:
+        """Stop relaying; leave the workers as they are (they are not this app's)."""
         ...

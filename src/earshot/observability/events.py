@@ -194,6 +194,16 @@ class EventLog:
             if sub.hits or not hit:
                 sub.offer(record)
 
+    def publish(self, record: Record) -> None:
+        """A record made elsewhere (a fleet worker's event, relayed by the gateway): buffered and
+        sent to subscribers like one of this log's own, under an id of this log's sequence."""
+        seq = next(self._seq)
+        record = {**record, "id": seq}
+        self._last = seq
+        self._buffer.append(record)
+        for sub in tuple(self._subscribers):
+            sub.offer(record)
+
     def recent(self, limit: int | None = None, *, after: int | None = None) -> list[Record]:
         """The buffered records, oldest first: the newest `limit`, and only those with id > `after`."""
         records = list(self._buffer)
