@@ -25,6 +25,10 @@ What Ray does to the names (Ray 2.60, OpenTelemetry exporter, found by running i
   intervals only when the whole process stops reporting. So a model that leaves the snapshot has its
   per-model gauges set to 0 (never left showing loaded); counters of a worker that died stay in its
   agent (summing over workers stays right);
+- Ray drops a gauge value that is not finite (+Inf, NaN) without a word: an unlimited limit
+  (`earshot_cache_memory_budget_bytes`, `earshot_cache_capacity_models`, an idle timeout of -1),
+  `+Inf` on the single server, is exported as `UNLIMITED` (the largest float, 1.8e308), which
+  compares, sorts and aggregates (max, > 0) like +Inf in PromQL;
 - a counter series cannot be created at 0 through the public `inc()` (it refuses 0): the series the
   alerts count from are created by recording 0 through `Metric._record`, as prometheus_client's
   `labels()` does.
@@ -34,7 +38,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,6 +62,9 @@ from earshot.observability.metrics import (
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 log = logging.getLogger("earshot.fleet")
+
+# What an unlimited (+Inf) limit is exported as: Ray drops non-finite gauge values.
+UNLIMITED = sys.float_info.max
 
 # The labels every fleet series carries on top of its §5 labels.
 FLEET_LABELS = ("worker", "node")
@@ -218,7 +227,11 @@ class FleetMetrics:
             labels_of = next(g.labels for g in STATE_GAUGES if g.name == name)
             now: set[tuple[str, ...]] = set()
             for values, value in samples[name]:
+                if math.isnan(value):
+                    continue
                 now.add(values)
+                if math.isinf(value):
+                    value = math.copysign(UNLIMITED, value)
                 gauge.set(value, tags={**self._tags, **dict(zip(labels_of, values, strict=True))})
             for gone in self._set[name] - now:
                 gauge.set(0.0, tags={**self._tags, **dict(zip(labels_of, gone, strict=True))})
