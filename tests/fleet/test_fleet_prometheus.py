@@ -6,11 +6,11 @@ each with a real ModelCache (max_models=1, faster-whisper) and FleetMetrics. Pro
 shipped deploy/prometheus-fleet.yml, only pointed at this cluster's service-discovery file and
 scraping every second.
 
-Traffic, the same on both workers with the two models swapped: a load (miss), a hit, the other
-model (a capacity eviction and a second load), a manual unload of it, the first model again (a
-reload: a third load). So each worker has loaded 3 times and holds its first model, idle, with an
+Traffic, the same on both workers with the two models swapped: a load (miss), a hit, then twice:
+the other model (a capacity eviction and a load), a manual unload of it, the first model again (a
+reload, a load). So each worker has loaded 5 times and holds its first model, idle, with an
 expiry scheduled. Then:
-- `sum(earshot_model_loads_total)` over workers is 6, 3 per worker, and no `ray_earshot_*` name is
+- `sum(earshot_model_loads_total)` over workers is 10, 5 per worker, and no `ray_earshot_*` name is
   left after relabeling;
 - the state gauges show what each worker holds (the unloaded model reads 0, not 1);
 - every dashboard panel query over worker metrics returns data for each worker alone
@@ -76,7 +76,7 @@ FLEET_PANELS = {
     "Loads and evictions per worker (per minute)",
     "Requests per worker (per minute)",
 }
-LOADS_PER_WORKER = 3
+LOADS_PER_WORKER = 5
 
 
 class Prometheus:
@@ -172,9 +172,12 @@ def traffic(fleet: ObsFleet, prometheus: Prometheus, jfk_flac: Path) -> dict[str
 
         assert "country" in transcribe(model).lower()  # miss: load 1
         transcribe(model)  # hit
-        assert "country" in transcribe(other).lower()  # capacity eviction, load 2
-        assert handle.unload.remote(other).result(timeout_s=60) == "unloaded"  # manual eviction
-        transcribe(model)  # reload: load 3
+        # Twice: a histogram series is born with its first observation, so rate() over the
+        # eviction histograms needs a second one to see an increase.
+        for _ in range(2):
+            assert "country" in transcribe(other).lower()  # capacity eviction, a load
+            assert handle.unload.remote(other).result(timeout_s=60) == "unloaded"  # manual eviction
+            transcribe(model)  # a reload (a load)
         assert handle.loaded.remote().result(timeout_s=30) == [model]
     return first
 
