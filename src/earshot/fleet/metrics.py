@@ -37,6 +37,7 @@ What Ray does to the names (Ray 2.60, OpenTelemetry exporter, found by running i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -179,6 +180,7 @@ class FleetMetrics:
         self._ids: frozenset[str] | None = None
         self._set: dict[str, set[tuple[str, ...]]] = {g.name: set() for g in STATE_GAUGES}
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
         if catalog is not None:
             self.bind(catalog)
 
@@ -243,12 +245,15 @@ class FleetMetrics:
         if self._task is not None:
             raise RuntimeError("FleetMetrics.start() was called twice")
         loop = asyncio.get_running_loop()  # RuntimeError outside a running loop, on purpose
+        self._stopped = False
         self.update(snapshot())
         self._task = loop.create_task(self._run(snapshot, interval_s), name="earshot-fleet-metrics")
 
     async def _run(self, snapshot: Callable[[], CacheSnapshot], interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
+            if self._stopped:
+                return
             try:
                 self.update(snapshot())
             except Exception:  # a failed update must not end the loop: the next one may work
@@ -256,10 +261,20 @@ class FleetMetrics:
 
     def stop(self) -> None:
         """Stop updating; every per-model gauge set so far reads 0 (the worker holds nothing now).
-        Callable from any thread once the loop is gone too (the task is only cancelled)."""
+        Callable from the loop, from another thread, or once the loop is closed."""
+        self._stopped = True  # an update already due does not run after this
         task, self._task = self._task, None
         if task is not None and not task.done():
-            task.get_loop().call_soon_threadsafe(task.cancel)
+            loop = task.get_loop()
+            try:
+                running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                task.cancel()
+            else:
+                with contextlib.suppress(RuntimeError):  # that loop is closed: the task is gone with it
+                    loop.call_soon_threadsafe(task.cancel)
         for name, gauge in self._gauges.items():
             labels_of = next(g.labels for g in STATE_GAUGES if g.name == name)
             if "model" not in labels_of:
