@@ -9,7 +9,8 @@ agent -> Prometheus) is the same as in the fleet, routing is not what is tested 
 Network: everything on 127.0.0.1. `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` is what makes Ray keep
 127.0.0.1 (without it `ray.init(_node_ip_address="127.0.0.1")` is rewritten to the machine's
 outward address and the metrics agent listens on 0.0.0.0); every port is picked free here (the
-dashboard agent's default, 52365, is fixed); the dashboard runs on 127.0.0.1 because its reporter
+dashboard agent's default, 52365, is fixed, and so are the autoscaler's and the dashboard's
+metrics ports, 44217 and 44227, unless AUTOSCALER_METRIC_PORT / DASHBOARD_METRIC_PORT say); the dashboard runs on 127.0.0.1 because its reporter
 module is what writes Ray's Prometheus service-discovery file. Serve runs without its HTTP proxy.
 Every Ray process is stopped at the end (see `obs_fleet`), and the fixture checks that none of
 the processes the node started is left.
@@ -47,16 +48,22 @@ def free_port() -> int:
 
 
 def quiet_ray_env() -> None:
+    """The environment of every Ray in these tests. Ray reads it when it is first imported (a
+    driver that imported Ray before keeps its own view: a driver in another auth mode than the
+    cluster retries its GCS connection for ever), so this runs when this module is imported, and
+    the test modules import this module before anything that imports Ray."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep 127.0.0.1 (see the module doc)
-    # Ray 2.60's `ray start` turns token authentication on, and a driver connecting by address
-    # then needs the token (from ~/.ray/auth_token, shared by every cluster of the user). A
-    # loopback-only test cluster goes without.
+    # Ray 2.60's `ray start` turns token authentication on, while a driver connecting by address
+    # does not by default (it then fails to connect). A loopback-only test cluster goes without.
     os.environ["RAY_AUTH_MODE"] = "disabled"
     # Replicas import this module (ObsWorker) by name: the node's processes inherit the path.
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if str(REPO) not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, paths)])
+
+
+quiet_ray_env()  # at import: see the docstring
 
 
 class ObsWorker:
@@ -168,9 +175,17 @@ def obs_fleet(models_dir: Path, *, max_models: int = 1) -> Iterator[ObsFleet]:
         f"--runtime-env-agent-port={free_port()}",
         f"--system-config={json.dumps({'metrics_report_interval_ms': REPORT_INTERVAL_MS})}",
     ]
+    # The autoscaler's and the dashboard's own metrics ports are fixed (44217, 44227) unless these
+    # say otherwise; Ray lists them in its service-discovery file, so with another Ray on the
+    # machine Prometheus would scrape that one's.
+    env = {
+        **os.environ,
+        "AUTOSCALER_METRIC_PORT": str(free_port()),
+        "DASHBOARD_METRIC_PORT": str(free_port()),
+    }
     log = (temp_dir / "ray-start.log").open("wb")
     head = psutil.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
     )
     started: dict[int, psutil.Process] = {}
     try:

@@ -36,7 +36,7 @@ import pytest
 import yaml
 
 from earshot.audio.decode import decode_audio
-from tests.fleet.obs_cluster import LOOPBACK, ObsFleet, free_port, obs_fleet
+from tests.fleet.obs_cluster import LOOPBACK, ObsFleet, free_port, obs_fleet  # first: Ray's environment
 from tests.ops.known_metrics import WORKER_METRICS, resolve
 from tests.ops.promql_check import metric_names
 from tests.ops.test_dashboards import VARIABLE, all_panels
@@ -151,6 +151,23 @@ def prometheus(fleet: ObsFleet, tmp_path_factory: pytest.TempPathFactory) -> Ite
             60,
             f"Prometheus scraping the metrics agent {agent}",
         )
+
+        # Prometheus scrapes what Ray's file lists, all of it this cluster's (ports chosen free).
+        def discovered() -> set[str]:
+            data = httpx.get(f"{prom.url}/api/v1/targets", timeout=10).json()["data"]
+            return {
+                t["labels"]["instance"]
+                for t in data["activeTargets"]
+                if t["labels"]["job"] == "earshot-fleet"
+            }
+
+        def listed() -> set[str]:
+            return set(json.loads(fleet.service_discovery_file.read_text())[0]["targets"])
+
+        wait_until(lambda: discovered() == listed(), 30, "Prometheus's targets = Ray's file")
+        assert agent in listed()
+        # Not Ray's fixed autoscaler/dashboard metrics ports, which another Ray on the machine may hold.
+        assert not listed() & {f"{LOOPBACK}:44217", f"{LOOPBACK}:44227"}, listed()
         yield prom
     finally:
         process.stop()
