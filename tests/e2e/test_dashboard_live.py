@@ -95,7 +95,7 @@ def fill(expr: str, values: dict[str, str]) -> str:
 
 def panel_queries(instance: str, model: str) -> list[Query]:
     """Every panel target of the dashboard with $instance and $model (a regex: ".*" is All)."""
-    values = {"instance": instance, "model": model, "datasource": "prometheus"}
+    values = {"instance": instance, "worker": ".*", "model": model, "datasource": "prometheus"}
     out = []
     for panel in all_panels(load_dashboard()):
         for target in panel.get("targets", []):

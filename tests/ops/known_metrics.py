@@ -91,6 +91,35 @@ BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
 # Labels Prometheus attaches to every scraped series.
 TARGET_LABELS = frozenset({"instance", "job"})
 
+# In a fleet (DESIGN §10) each worker exports the cache and inference metrics through Ray
+# (earshot/fleet/metrics.py) with these labels on top; deploy/prometheus-fleet.yml keeps them.
+# A single server's series have neither (a `worker=~".*"` matcher still matches them).
+FLEET_LABELS = frozenset({"worker", "node"})
+WORKER_METRICS = frozenset(
+    {
+        "earshot_cache_requests_total",
+        "earshot_model_loads_total",
+        "earshot_model_load_duration_seconds",
+        "earshot_model_evictions_total",
+        "earshot_model_reloads_total",
+        "earshot_model_idle_at_eviction_seconds",
+        "earshot_model_residency_seconds",
+        "earshot_model_loads_in_progress",
+        "earshot_cache_waiting_requests",
+        "earshot_model_loaded",
+        "earshot_model_idle_seconds",
+        "earshot_model_expires_in_seconds",
+        "earshot_model_in_use",
+        "earshot_model_memory_bytes",
+        "earshot_cache_capacity_models",
+        "earshot_cache_memory_budget_bytes",
+        "earshot_cache_idle_timeout_seconds",
+        "earshot_model_load_timeout_seconds",
+        "earshot_inference_duration_seconds",
+        "earshot_audio_duration_seconds_total",
+    }
+)
+
 # Closed sets of label values (DESIGN.md §5). `model`, `gpu`, `uuid`, `device` are open.
 LABEL_VALUES: dict[str, frozenset[str]] = {
     "result": frozenset({"hit", "miss", "coalesced"}),
@@ -139,7 +168,8 @@ class SeriesName:
         extra = {"le"} if self.suffix == "_bucket" else set()
         if self.metric.source == "prometheus":
             return TARGET_LABELS
-        return self.metric.labels | TARGET_LABELS | extra
+        fleet = FLEET_LABELS if self.metric.name in WORKER_METRICS else frozenset()
+        return self.metric.labels | TARGET_LABELS | fleet | extra
 
 
 def resolve(name: str) -> SeriesName | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ops.known_metrics import BY_NAME
+from tests.ops.known_metrics import BY_NAME, WORKER_METRICS
 from tests.ops.promql_check import metric_names, problems
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,7 +118,21 @@ def test_template_variables(dashboard: dict) -> None:
     )
     assert model["multi"] is True
     assert model["includeAll"] is True
-    for var in (instance, model):
+    # A fleet (DESIGN §10): every node's metrics agent is an instance, each worker a `worker`. With
+    # All (".*") the single server, whose series have no worker label, matches too.
+    worker = vars_["worker"]
+    assert worker["type"] == "query"
+    assert (
+        re.sub(r"\s", "", variable_query(worker))
+        == 'label_values(earshot_cache_capacity_models{instance=~"$instance"},worker)'
+    )
+    for var in (instance, worker, model):
+        assert var["multi"] is True, var["name"]
+        assert var["includeAll"] is True, var["name"]
+    for var in (instance, worker):
+        assert var["allValue"] == ".*", var["name"]
+        assert var["current"]["value"] == ["$__all"], var["name"]
+    for var in (instance, worker, model):
         assert var["datasource"]["uid"] == "${datasource}"
 
 
@@ -165,6 +179,47 @@ def test_queries_filter_by_instance_and_use_rate_interval(dashboard: dict) -> No
             assert window in {"$__rate_interval", "$__range"}, f"{where}: fixed window [{window}]"
 
 
+def test_worker_metrics_are_filtered_by_worker(dashboard: dict) -> None:
+    # Every selector of a metric a fleet worker exports follows the worker variable; the others
+    # (the gateway's HTTP metrics, up, ...) have no worker label and must not filter on one.
+    selector = re.compile(r"\b(earshot_\w+|up)\s*\{([^}]*)\}")
+    seen = 0
+    for where, expr in queries(dashboard):
+        for name, matchers in selector.findall(expr):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            if base in WORKER_METRICS or name in WORKER_METRICS:
+                assert 'worker=~"$worker"' in matchers, f"{where}: {name} without the worker filter: {expr}"
+                seen += 1
+            else:
+                assert "worker" not in matchers, f"{where}: {name} has no worker label: {expr}"
+    assert seen >= 20
+
+
+FLEET_PANELS = {
+    "Models per worker": {"earshot_model_loaded"},
+    "Loads and evictions per worker (per minute)": {
+        "earshot_model_loads_total",
+        "earshot_model_evictions_total",
+    },
+    "Requests per worker (per minute)": {"earshot_cache_requests_total"},
+}
+
+
+def test_fleet_panels_group_by_worker() -> None:
+    dashboard = load(REPO / "dashboards" / "earshot-model-cache.json")
+    panels = {p["title"]: p for p in all_panels(dashboard)}
+    names = set(variables(dashboard))
+    for title, metrics in FLEET_PANELS.items():
+        panel = panels[title]
+        used = set()
+        for target in panel["targets"]:
+            expr = target["expr"]
+            assert re.match(r"\s*(sum|max) by \(worker\)", expr), f"{title}: {expr}"
+            assert "{{worker}}" in target["legendFormat"], title
+            used |= metric_names(substitute(expr, names))
+        assert metrics <= used, f"{title}: {sorted(used)}"
+
+
 def test_model_cache_dashboard_covers_the_cache() -> None:
     dashboard = load(REPO / "dashboards" / "earshot-model-cache.json")
     used = set()
@@ -179,7 +234,7 @@ def test_model_cache_dashboard_covers_the_cache() -> None:
     table = panels["Loaded models"]
     assert table["type"] == "table"
     table_metrics = set().union(
-        *(metric_names(substitute(t["expr"], {"instance", "model"})) for t in table["targets"])
+        *(metric_names(substitute(t["expr"], {"instance", "worker", "model"})) for t in table["targets"])
     )
     assert {
         "earshot_model_loaded",

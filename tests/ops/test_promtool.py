@@ -75,6 +75,23 @@ def test_promtool_check_config() -> None:
         )
 
 
+def test_promtool_check_fleet_config() -> None:
+    # The fleet's config (scrapes Ray's metrics agents through Ray's service-discovery file) loads
+    # the same rules, relative to deploy/; the file_sd file need not exist for the check.
+    config = REPO / "deploy" / "prometheus-fleet.yml"
+    proc = run(tool("promtool"), "check", "config", config, cwd=REPO.parent)
+    assert proc.returncode == 0, output(proc)
+    text = proc.stdout + proc.stderr
+    for path in RULE_FILES:
+        assert f"Checking {path}" in text, (
+            f"prometheus-fleet.yml's rule_files did not pick up {path}\n{output(proc)}"
+        )
+    scrape = yaml.safe_load(config.read_text())["scrape_configs"]
+    fleet = next(job for job in scrape if job["job_name"].startswith("earshot"))
+    (sd,) = fleet["file_sd_configs"]
+    assert [Path(f).name for f in sd["files"]] == ["prom_metrics_service_discovery.json"]
+
+
 def test_promtool_check_rules() -> None:
     proc = run(tool("promtool"), "check", "rules", *RULE_FILES)
     assert proc.returncode == 0, output(proc)

@@ -16,12 +16,17 @@ series born at its first event would hide that event (the first failed load, the
 storm). The other series (hit/miss/coalesced, successful loads, idle and manual evictions,
 histograms) are born with their first event: each pre-created series is a line of every scrape, for
 every catalog model. Series live as long as the process, so an evicted model keeps its counters.
+
+The metric objects come from a `MetricFactory`: prometheus_client's Counter and Histogram on a
+registry by default; the fleet (`earshot.fleet.metrics`) passes one that makes Ray's metrics instead,
+so that names, help texts, labels, buckets and the event-to-metric rules are written once, here.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -51,70 +56,115 @@ INFERENCE_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
 LIFETIME_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 86400.0)
 
 
-class CacheMetrics:
-    """Counters and histograms of cache events and inferences, registered on `registry`."""
+class CounterChild(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
 
-    def __init__(self, registry: CollectorRegistry, *, memory_budget: bool = False) -> None:
+
+class HistogramChild(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class CounterFamily(Protocol):
+    """A counter with labels. `labels(...)` creates the series (at 0) if it does not exist yet."""
+
+    def labels(self, *values: str) -> CounterChild: ...
+
+
+class HistogramFamily(Protocol):
+    def labels(self, *values: str) -> HistogramChild: ...
+
+
+class MetricFactory(Protocol):
+    """Makes the labelled counters and histograms `CacheMetrics` records into."""
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str]) -> CounterFamily: ...
+
+    def histogram(
+        self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> HistogramFamily: ...
+
+
+class PrometheusFactory:
+    """prometheus_client metrics on `registry` (the single-process server)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str]) -> CounterFamily:
+        return Counter(name, documentation, list(labels), registry=self.registry)
+
+    def histogram(
+        self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> HistogramFamily:
+        return Histogram(name, documentation, list(labels), buckets=tuple(buckets), registry=self.registry)
+
+
+class CacheMetrics:
+    """Counters and histograms of cache events and inferences, registered on `registry` (or made by
+    `factory`)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        memory_budget: bool = False,
+        factory: MetricFactory | None = None,
+    ) -> None:
+        if factory is None:
+            if registry is None:
+                raise TypeError("CacheMetrics needs a registry or a factory")
+            factory = PrometheusFactory(registry)
         self.memory_budget = memory_budget  # a memory budget is set: memory evictions can happen
         self._tasks: Mapping[str, str] | None = None  # catalog id -> task; None until bound
-        self.cache_requests = Counter(
+        self.cache_requests = factory.counter(
             "earshot_cache_requests_total",
             "Model cache requests by result: hit (loaded), miss (started a load), coalesced "
             "(waited for a load already under way).",
             ["model", "result"],
-            registry=registry,
         )
-        self.loads = Counter(
+        self.loads = factory.counter(
             "earshot_model_loads_total",
             "Finished model loads by outcome (success, failure, timeout).",
             ["model", "task", "outcome"],
-            registry=registry,
         )
-        self.load_duration = Histogram(
+        self.load_duration = factory.histogram(
             "earshot_model_load_duration_seconds",
             "Time to load a model, successful loads only.",
             ["model", "task"],
-            buckets=LOAD_DURATION_BUCKETS,
-            registry=registry,
+            LOAD_DURATION_BUCKETS,
         )
-        self.evictions = Counter(
+        self.evictions = factory.counter(
             "earshot_model_evictions_total",
             "Model unloads by reason (idle, capacity, memory, manual, shutdown).",
             ["model", "reason"],
-            registry=registry,
         )
-        self.reloads = Counter(
+        self.reloads = factory.counter(
             "earshot_model_reloads_total",
             "Loads started for a model evicted less than thrash_window_seconds before.",
             ["model"],
-            registry=registry,
         )
-        self.idle_at_eviction = Histogram(
+        self.idle_at_eviction = factory.histogram(
             "earshot_model_idle_at_eviction_seconds",
             "How long an evicted model had been idle (small values under reason=capacity: thrashing).",
             ["reason"],
-            buckets=LIFETIME_BUCKETS,
-            registry=registry,
+            LIFETIME_BUCKETS,
         )
-        self.residency = Histogram(
+        self.residency = factory.histogram(
             "earshot_model_residency_seconds",
             "How long an evicted model had been loaded (loaded-to-evicted time).",
             ["reason"],
-            buckets=LIFETIME_BUCKETS,
-            registry=registry,
+            LIFETIME_BUCKETS,
         )
-        self.inference_duration = Histogram(
+        self.inference_duration = factory.histogram(
             "earshot_inference_duration_seconds",
             "Time spent running a model on one request (transcription or synthesis).",
             ["model", "task"],
-            buckets=INFERENCE_DURATION_BUCKETS,
-            registry=registry,
+            INFERENCE_DURATION_BUCKETS,
         )
-        self.audio_seconds = Counter(
+        self.audio_seconds = factory.counter(
             "earshot_audio_duration_seconds_total",
             "Seconds of audio processed: audio in for transcription, audio out for speech.",
             ["model", "task"],
-            registry=registry,
         )
         self._handlers: dict[type[CacheEvent], Callable[[CacheEvent, str], None]] = {
             Hit: self._hit,
@@ -135,16 +185,20 @@ class CacheMetrics:
         catalog.on_add(self._add_model)
 
     def _add_model(self, spec: ModelSpec) -> None:
+        self.add_model(spec.id, spec.task.value)
+
+    def add_model(self, model: str, task: str) -> None:
+        """Accept events and inferences of `model` from now on, and create its alert series at 0."""
         tasks = self._tasks if self._tasks is not None else {}
-        self._tasks = {**tasks, spec.id: spec.task.value}
+        self._tasks = {**tasks, model: task}
         reasons = [EvictionReason.CAPACITY]
         if self.memory_budget:
             reasons.append(EvictionReason.MEMORY)  # only a budget evicts for memory
         for kind in LoadFailureKind:
-            self.loads.labels(spec.id, spec.task.value, kind.value)
+            self.loads.labels(model, task, kind.value)
         for reason in reasons:
-            self.evictions.labels(spec.id, reason.value)
-        self.reloads.labels(spec.id)
+            self.evictions.labels(model, reason.value)
+        self.reloads.labels(model)
 
     def task_of(self, model: str) -> str | None:
         """The catalog task of `model`, or None when it must not become a label."""
