@@ -90,6 +90,11 @@ def malloc_trim() -> bool:
         return False
 
 
+def trim_heap() -> None:
+    """Trim the C heap only (no garbage collection): cheap enough to run around every load."""
+    malloc_trim()
+
+
 def release_memory() -> None:
     """Collect garbage (all generations), then trim the C heap. Blocking; run it in a worker thread."""
     gc.collect()
