@@ -1,7 +1,7 @@
 """`earshot fleet`: start (or join) Ray, deploy the board, the workers and the gateway, serve on
 host/port through Serve's HTTP proxy, and stop cleanly on SIGINT/SIGTERM.
 
-`ray_address` unset: a local Ray on 127.0.0.1 (dashboard off); `auto` or an address: join that
+`ray_address` unset: a local Ray on 127.0.0.1 (its dashboard on 127.0.0.1 too, for Prometheus); `auto` or an address: join that
 cluster. RAY_USAGE_STATS_ENABLED=0 is set before Ray is imported.
 """
 
@@ -75,9 +75,21 @@ def node_args(num_cpus: float, temp_dir: str | None = None, **extra: Any) -> dic
     return args
 
 
-def local_cluster(num_cpus: float, temp_dir: str | None = None) -> Any:
+def dashboard_args() -> dict[str, Any]:
+    """Head-node arguments for Ray's dashboard on 127.0.0.1 (a free port). Its reporter writes Ray's
+    Prometheus service-discovery file (`<temp dir>/ray/prom_metrics_service_discovery.json`), which
+    deploy/prometheus-fleet.yml follows to every node's metrics agent; without the dashboard there
+    is no file. The autoscaler's and the dashboard's own metrics ports are fixed unless these
+    variables say otherwise (another Ray on the machine may hold them), so they are set here too."""
+    os.environ.setdefault("AUTOSCALER_METRIC_PORT", str(free_port()))
+    os.environ.setdefault("DASHBOARD_METRIC_PORT", str(free_port()))
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()}
+
+
+def local_cluster(num_cpus: float, temp_dir: str | None = None, *, dashboard: bool = False) -> Any:
     """A one-node Ray on 127.0.0.1 (`ray.cluster_utils.Cluster`: unlike `ray.init()`, it keeps the
     loopback address instead of probing for the machine's outward one); `.shutdown()` stops it.
+    `dashboard`: Ray's dashboard on 127.0.0.1, for Prometheus' discovery (see `dashboard_args`).
     Call before Ray is imported (see `quiet_ray_env`)."""
     quiet_ray_env(loopback=True)
     from ray.cluster_utils import Cluster
@@ -88,7 +100,8 @@ def local_cluster(num_cpus: float, temp_dir: str | None = None) -> Any:
     else:
         os.makedirs(os.path.join(os.environ.get("RAY_TMPDIR", tempfile.gettempdir()), "ray"), exist_ok=True)
     cluster = Cluster(initialize_head=False)
-    add_node(cluster, lambda: node_args(num_cpus, temp_dir, gcs_server_port=free_port()))
+    extra = dashboard_args() if dashboard else {}
+    add_node(cluster, lambda: node_args(num_cpus, temp_dir, gcs_server_port=free_port(), **extra))
     return cluster
 
 
@@ -127,7 +140,7 @@ def start_ray(settings: Settings) -> Any:
     if settings.ray_address is not None:
         ray.init(address=settings.ray_address, namespace=NAMESPACE)
         return None
-    cluster = local_cluster(float(os.cpu_count() or 1))
+    cluster = local_cluster(float(os.cpu_count() or 1), dashboard=True)
     ray.init(address=cluster.address, namespace=NAMESPACE)
     return cluster
 
@@ -136,22 +149,13 @@ def deploy(settings: Settings, *, heartbeat_s: float = 1.0, lost_after_s: float 
     """Deploy board, workers and gateway on the Ray this process is connected to; Serve's HTTP
     proxy listens on settings.host:settings.port."""
     quiet_ray_env()
-    import ray
     from ray import serve
 
-    from earshot.fleet.board import BOARD_NAME, Board
-    from earshot.fleet.gateway import gateway_deployment
-    from earshot.fleet.worker import worker_deployment
+    from earshot.fleet.app import application, board_actor
 
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    board = (
-        ray.remote(Board)
-        .options(name=BOARD_NAME, namespace=NAMESPACE, num_cpus=0, max_concurrency=1000)
-        .remote(size=settings.events_buffer_size, lost_after=lost_after_s)
-    )
-    workers = worker_deployment(settings).bind(settings, board, heartbeat_s)
-    gateway = gateway_deployment(settings).bind(settings, workers, board)
-    handle = serve.run(gateway, name=APP_NAME, route_prefix="/")
+    board = board_actor(settings, lost_after_s=lost_after_s)
+    handle = serve.run(application(settings, board, heartbeat_s=heartbeat_s), name=APP_NAME, route_prefix="/")
     return Fleet(handle=handle, board=board, settings=settings)
 
 
