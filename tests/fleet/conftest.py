@@ -7,6 +7,7 @@ checks that no process of this cluster is left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -35,6 +36,10 @@ from earshot.settings import Settings
 HEARTBEAT_S = 0.5
 LOST_AFTER_S = 5.0  # silence that makes a worker lost: well above a heartbeat stalled by a loaded machine
 LOAD_TIMEOUT_S = 90.0
+
+# Ray reads its environment when it is first imported, and a test module may import Ray (through
+# earshot.fleet) before a fixture starts a cluster: set it when the package's conftest loads.
+quiet_ray_env(loopback=True)
 
 
 @dataclass
@@ -69,13 +74,20 @@ def _ours(temp_dir: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.fixture(scope="module")
-def fleet_server(models_dir: Path) -> Iterator[FleetServer]:
+@contextlib.contextmanager
+def start_fleet_server(
+    models_dir: Path, *, dashboard: bool = False, system_config: dict[str, Any] | None = None
+) -> Iterator[FleetServer]:
+    """The 2-node cluster with the fleet deployed; `dashboard`: Ray's dashboard on the head node
+    (127.0.0.1), which writes Ray's Prometheus service-discovery file; `system_config`: Ray's
+    system config of the cluster (e.g. metrics_report_interval_ms). Stops all of it at the end and
+    checks that no process of the cluster is left."""
     quiet_ray_env(loopback=True)  # before Ray is imported
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rf-", dir="/tmp")  # short: Ray's unix sockets live in it
-    cluster = local_cluster(1, temp_dir)
+    env_before = {k: os.environ.get(k) for k in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")}
+    cluster = local_cluster(1, temp_dir, dashboard=dashboard, system_config=system_config)
     fleet: Fleet | None = None
     try:
         add_node(cluster, lambda: node_args(1, temp_dir))
@@ -115,4 +127,15 @@ def fleet_server(models_dir: Path) -> Iterator[FleetServer]:
                     continue
             shutil.rmtree(temp_dir, ignore_errors=True)
             os.environ.pop("RAY_TMPDIR", None)
+            for key, value in env_before.items():  # dashboard_args() chose these for this cluster
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
             assert not left, f"Ray processes left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def fleet_server(models_dir: Path) -> Iterator[FleetServer]:
+    with start_fleet_server(models_dir) as server:
+        yield server

@@ -157,6 +157,29 @@ def _metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+def test_build_app_is_the_serve_application_a_rayservice_names(
+    fleet_server: FleetServer, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`earshot.fleet.app:build_app` (the KubeRay RayService's import_path), called where Serve
+    calls it (connected to the cluster), settings from EARSHOT_*: a Serve Application, sharing the
+    fleet's board (found by name, not a second one)."""
+    import ray
+    from ray import serve
+
+    from earshot.fleet.app import build_app
+    from earshot.fleet.board import BOARD_NAME
+    from earshot.fleet.run import NAMESPACE
+
+    monkeypatch.setenv("EARSHOT_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("EARSHOT_ALLOW_HUB_MODELS", "false")
+    app = build_app({})
+    assert isinstance(app, serve.Application), type(app)
+    assert isinstance(build_app({"fleet_workers": 3}), serve.Application)
+    board = ray.get_actor(BOARD_NAME, namespace=NAMESPACE)
+    assert board._actor_id == fleet_server.fleet.board._actor_id
+    assert len(fleet_server.get("/api/ps")["workers"]) == 2  # building deployed nothing
+
+
 def test_a_killed_worker_is_replaced_and_no_request_fails_badly(
     fleet_server: FleetServer, client: openai.OpenAI, jfk: bytes
 ) -> None:

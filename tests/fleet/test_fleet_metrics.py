@@ -17,9 +17,6 @@ from typing import Any
 
 import pytest
 
-from tests.fleet import obs_cluster  # noqa: F401  (first: Ray's environment before Ray is imported)
-
-# isort: split
 from earshot.cache.events import Evicted, EvictionReason, Hit, Loaded, LoadStarted, Miss
 from earshot.cache.protocol import ModelSpec, Task
 from earshot.cache.state import CacheConfig, CacheSnapshot, ModelState

@@ -86,11 +86,18 @@ def dashboard_args() -> dict[str, Any]:
     return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()}
 
 
-def local_cluster(num_cpus: float, temp_dir: str | None = None, *, dashboard: bool = False) -> Any:
+def local_cluster(
+    num_cpus: float,
+    temp_dir: str | None = None,
+    *,
+    dashboard: bool = False,
+    system_config: dict[str, Any] | None = None,
+) -> Any:
     """A one-node Ray on 127.0.0.1 (`ray.cluster_utils.Cluster`: unlike `ray.init()`, it keeps the
     loopback address instead of probing for the machine's outward one); `.shutdown()` stops it.
     `dashboard`: Ray's dashboard on 127.0.0.1, for Prometheus' discovery (see `dashboard_args`).
-    Call before Ray is imported (see `quiet_ray_env`)."""
+    `system_config`: Ray's system config for the cluster (the head node's `_system_config`, e.g.
+    `{"metrics_report_interval_ms": 1000}`). Call before Ray is imported (see `quiet_ray_env`)."""
     quiet_ray_env(loopback=True)
     from ray.cluster_utils import Cluster
 
@@ -101,6 +108,8 @@ def local_cluster(num_cpus: float, temp_dir: str | None = None, *, dashboard: bo
         os.makedirs(os.path.join(os.environ.get("RAY_TMPDIR", tempfile.gettempdir()), "ray"), exist_ok=True)
     cluster = Cluster(initialize_head=False)
     extra = dashboard_args() if dashboard else {}
+    if system_config is not None:
+        extra["_system_config"] = system_config
     add_node(cluster, lambda: node_args(num_cpus, temp_dir, gcs_server_port=free_port(), **extra))
     return cluster
 
