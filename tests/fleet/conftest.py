@@ -61,10 +61,12 @@ class FleetServer:
         return httpx.get(self.url + "/metrics", timeout=30).text
 
 
-def _ours(temp_dir: str) -> list[psutil.Process]:
-    """Processes of this cluster: this process's children (Ray's workers rename themselves
-    `ray::...`), and any process whose command line names the cluster's temp dir."""
-    found = list(psutil.Process().children(recursive=True))
+def _ours(temp_dir: str, before: frozenset[int]) -> list[psutil.Process]:
+    """Processes of this cluster: this process's children born since the cluster started (Ray's
+    workers rename themselves `ray::...`; `before` holds the children that were there already, e.g.
+    a server or Prometheus of an earlier test module's fixture), and any process whose command line
+    names the cluster's temp dir."""
+    found = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     for proc in psutil.process_iter(["cmdline"]):
         try:
             if any(temp_dir in part for part in proc.info["cmdline"] or []):
@@ -86,6 +88,7 @@ def start_fleet_server(
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rf-", dir="/tmp")  # short: Ray's unix sockets live in it
+    before = frozenset(p.pid for p in psutil.Process().children(recursive=True))
     env_before = {k: os.environ.get(k) for k in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")}
     cluster = local_cluster(1, temp_dir, dashboard=dashboard, system_config=system_config)
     fleet: Fleet | None = None
@@ -116,10 +119,10 @@ def start_fleet_server(
             stop(fleet, cluster)
         finally:
             deadline = time.monotonic() + 30
-            while _ours(temp_dir) and time.monotonic() < deadline:
+            while _ours(temp_dir, before) and time.monotonic() < deadline:
                 time.sleep(0.5)
             left = []
-            for proc in _ours(temp_dir):  # never leave them running, even when the check fails
+            for proc in _ours(temp_dir, before):  # never leave them running, even when the check fails
                 try:
                     left.append((proc.pid, " ".join(proc.cmdline())[:120]))
                     proc.kill()
