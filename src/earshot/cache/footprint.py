@@ -1,7 +1,7 @@
 """A model's footprint as one stable figure: the median of its last measured loads, per device.
 
 Each load measures what it added (process RSS, and NVML process memory on a GPU, read around
-`backend.load` with freed memory given back before the first reading: `workers.load_measured`). One
+`backend.load` with freed memory given back before each reading: `workers.load_measured`). One
 reading is noisy under traffic: memory that other threads allocate or free while the load runs
 lands in the delta (over 16 loads of tiny.en in a `max_models=1` storm, 20 to 59 MiB for a model
 that reads 52 MiB on a quiet server). Budgets, `/api/ps` and the dashboard's memory panel rest on
