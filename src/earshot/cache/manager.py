@@ -155,7 +155,7 @@ class ModelCache:
         runner: BlockingRunner | None = None,
     ) -> None:
         """`release_memory` runs in the worker thread around each unload (default: gc.collect() and
-        malloc_trim(0), see `earshot.cache.memory`) and, when given, before each load too (default
+        malloc_trim(0), see `earshot.cache.memory`) and, when given, around each load too (default
         there: malloc_trim(0) alone); tests pass a no-op to skip the full collections.
         `runner` runs the blocking work (default: the cache's own pool, see the class docstring)."""
         self._resolve = resolve
@@ -165,8 +165,9 @@ class ModelCache:
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._probe: MemoryProbe = memory_probe if memory_probe is not None else rss_probe
         self._release_memory = release_memory if release_memory is not None else memory.release_memory
-        # Before a load only the C heap is trimmed: a full gc.collect() there cost a cold load of
-        # tiny.en ~130 ms (bench cold). A given release_memory (tests) serves both.
+        # Around a load only the C heap is trimmed: a full gc.collect() twice cost a cold load of
+        # tiny.en ~260 ms (bench cold, 594 vs 330 ms direct), and the load's temporaries are C++ or
+        # refcounted Python, freed without it. A given release_memory (tests) serves both.
         self._trim_memory = release_memory if release_memory is not None else memory.trim_heap
         self._pool = own_pool() if runner is None else None
         self._runner: BlockingRunner = runner if runner is not None else ExecutorRunner(self._pool)

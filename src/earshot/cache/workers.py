@@ -40,19 +40,20 @@ def load_measured(
     """Load the model; return its handle and the memory it added per device (positive deltas only).
 
     The delta is the probe after minus before; an empty dict means the measurement was unusable
-    (nothing grew), and the caller falls back to the estimate. `release()` (a heap trim) runs before
-    the first reading, so that memory requests freed and the allocator kept is given back first: a
-    load reusing it would otherwise grow by less than it takes. Nothing is trimmed after the load:
-    that also returned the load's temporaries, but it made every later inference ~10% slower (bench
-    stt: server inference 1.09-1.12 x direct with it, 0.99 without; likely the weights' huge pages
-    split by the trim's madvise), so the reading includes what the allocator kept of the load.
-    What a reading can still include is what other threads allocate or free during the load itself
-    (loads running at the same time inflate each other's deltas; sequential preloads avoid that at
-    start-up): `earshot.cache.footprint` makes the model's figure the median of its last readings.
+    (nothing grew), and the caller falls back to the estimate. `release()` (gc + malloc_trim) runs
+    before each reading, so that both see a heap with its free memory given back: before, memory
+    that requests freed (and the allocator kept) would otherwise be reused by the load unseen, and
+    after, the load's own temporaries (file buffers, conversions) would be counted as the model's.
+    On a quiet server tiny.en then reads 52 MiB on every load after the first (which also pays
+    for one-time library set-up). What a reading can still include is what other threads allocate
+    or free during the load itself (loads running at the same time inflate each other's deltas;
+    sequential preloads avoid that at start-up): `earshot.cache.footprint` makes the model's
+    figure the median of its last readings.
     """
     _release(release, "before a load")
     before = read_probe(probe)
     handle = backend.load(spec)
+    _release(release, "after a load")
     after = read_probe(probe)
     grown = {device: after[device] - before.get(device, 0) for device in after}
     return handle, {device: delta for device, delta in grown.items() if delta > 0}
