@@ -7,13 +7,18 @@ Roles and their limiters:
 - inference, per model: `inference_concurrency` slots each (`InferenceSlots`); a request waiting
   for a slot counts as a waiting request for back-pressure (`max_waiting_requests`).
 Threads come from AnyIO's worker pool; each limiter only bounds how many of its role run at once,
-so one role can never take every thread another one needs.
+so one role can never take every thread another one needs. The exception is the `loads` role:
+each of its calls runs in a thread of its own that ends with the call (`run_in_own_thread`), see
+there why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import anyio
@@ -25,6 +30,7 @@ LOAD_THREADS = 2
 WORK_THREADS = 4
 # Bounds threads running inference across all models (each model is bounded by its own slots).
 INFERENCE_THREADS = 32
+LOAD_THREAD_NAME = "earshot-model-load"  # not the cache own pool's earshot-load-N
 
 
 class Workers:
@@ -48,8 +54,9 @@ class Workers:
         self._slots: dict[str, anyio.Semaphore] = {}
 
     async def run_load(self, fn: Callable[..., T], *args: Any) -> T:
-        """A download, load, unload or footprint estimate."""
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self.loads)
+        """A download, load, unload or footprint estimate, in a thread of its own (`run_in_own_thread`)."""
+        async with self.loads:
+            return await run_in_own_thread(fn, *args)
 
     @property
     def load_runner(self) -> LoadRunner:
@@ -67,11 +74,7 @@ class Workers:
         own wait for a thread is shielded only against AnyIO cancel scopes; a plain `task.cancel()`
         would end it at once."""
         step = asyncio.ensure_future(anyio.to_thread.run_sync(fn, *args, limiter=self.inference_threads))
-        try:
-            return await asyncio.shield(step)
-        except asyncio.CancelledError:
-            await _outlast(step)
-            raise
+        return await _until_done(step)
 
     def slots(self, model_id: str) -> anyio.Semaphore:
         """The inference slots of one model (`inference_concurrency` at once)."""
@@ -79,6 +82,39 @@ class Workers:
         if slot is None:
             slot = self._slots[model_id] = anyio.Semaphore(self.inference_concurrency)
         return slot
+
+
+async def run_in_own_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a new thread that ends when the call returns (in the caller's context vars).
+    Like AnyIO's `run_sync`, a cancelled caller still waits for the call to finish.
+
+    Why not a pooled thread: CTranslate2 (faster-whisper) runs OpenMP parallel regions while it
+    loads a model, and libgomp gives the loading thread a team of threads that lives as long as
+    that thread does. Those idle threads count as threads libgomp manages; once it manages more
+    threads than there are CPUs, it stops spinning between parallel regions and every inference
+    pays for futex sleeps and wake-ups. On a 2-core machine, tiny.en transcribed jfk.flac in
+    0.65-0.81 s after a load on a thread that stayed alive and in 0.47-0.59 s after a load on a
+    thread that had ended (`bench stt` keeps the comparison). A thread that ends takes its team
+    with it. Loads are rare, so a thread each costs nothing that matters.
+    """
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=LOAD_THREAD_NAME)
+    try:
+        step = loop.run_in_executor(executor, functools.partial(context.run, fn, *args))
+    finally:
+        executor.shutdown(wait=False)  # the thread ends once the call returns
+    return await _until_done(step)
+
+
+async def _until_done(step: asyncio.Future[T]) -> T:
+    """The result of `step`; if the caller is cancelled meanwhile, wait for `step` anyway, then
+    let the cancellation go on."""
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        await _outlast(step)
+        raise
 
 
 async def _outlast(step: asyncio.Future[Any]) -> None:
