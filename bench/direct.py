@@ -3,8 +3,10 @@ the server's backends use (kept in step by reading the backends' own defaults)."
 
 from __future__ import annotations
 
+import functools
 import io
 import wave
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +52,20 @@ def whisper_options() -> dict[str, Any]:
     }
 
 
-def load_whisper(model: str) -> Any:
-    """WhisperModel(path, ...) as the server's backend constructs it."""
+def load_whisper(model: str, *, own_thread: bool = True) -> Any:
+    """WhisperModel(path, ...) as the server's backend constructs it, by default in a thread that
+    ends with the construction, as earshot runs its loads (`run_in_own_thread` in
+    earshot.inference.workers says why: a model built on a thread that lives on, such as the main
+    thread, infers about 25% slower on a small machine, libgomp's doing). `own_thread=False`
+    builds it in the calling thread, as a plain script would."""
     from faster_whisper import WhisperModel
 
     _check_in_step()
-    return WhisperModel(str(MODELS_DIR / model), **whisper_options())
+    build = functools.partial(WhisperModel, str(MODELS_DIR / model), **whisper_options())
+    if not own_thread:
+        return build()
+    with ThreadPoolExecutor(max_workers=1) as pool:  # leaving joins the thread: it has ended
+        return pool.submit(build).result()
 
 
 def decode(path: Path) -> np.ndarray:
