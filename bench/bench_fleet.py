@@ -43,8 +43,9 @@ METHOD = f"""\
 fleet: `earshot fleet` (a local Ray on 127.0.0.1 started by earshot, every port chosen), 2 workers x 2
 models (fleet_models_per_worker 2), 1 CPU reserved per worker, on a models dir holding the demo
 models plus a second copy of tiny.en imported under the id {COPY} (a distinct catalog id: its own
-load). single: `earshot serve` on the demo models. Both answer on 127.0.0.1 over kept-alive httpx
-connections.
+load). single: `earshot serve` on the demo models with cpu_threads 1: a worker's 1 reserved CPU
+makes Ray set OMP_NUM_THREADS=1 in it, so its CTranslate2 runs one thread, and the single server
+gets the same. Both answer on 127.0.0.1 over kept-alive httpx connections.
 (1) warm STT: `POST /v1/audio/transcriptions` ({STT_MODEL}, jfk.flac, json), the model loaded on
 both; timed calls alternate fleet/single (order flipped each iteration), medians; ratio = fleet /
 single.
@@ -201,7 +202,7 @@ def run(ctx: Context) -> BenchResult:
                 }
             )
             with (
-                earshot_server(ctx, NAME + "-single", log_level="WARNING") as single,
+                earshot_server(ctx, NAME + "-single", log_level="WARNING", cpu_threads=1) as single,
                 single.client() as sc,
             ):
                 # (1) warm STT

@@ -101,10 +101,11 @@ async def run_in_own_thread(fn: Callable[..., T], *args: Any) -> T:
     context = contextvars.copy_context()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=LOAD_THREAD_NAME)
     try:
-        step = loop.run_in_executor(executor, functools.partial(context.run, fn, *args))
+        return await _until_done(loop.run_in_executor(executor, functools.partial(context.run, fn, *args)))
     finally:
-        executor.shutdown(wait=False)  # the thread ends once the call returns
-    return await _until_done(step)
+        # Return once the thread has ended, its team with it: what the caller does next may be the
+        # model's first inference.
+        await _until_done(asyncio.ensure_future(asyncio.to_thread(executor.shutdown, True)))
 
 
 async def _until_done(step: asyncio.Future[T]) -> T:
