@@ -71,14 +71,16 @@ async def test_on_the_shared_default_pool_the_same_load_starves() -> None:
 
 
 async def test_close_shuts_the_own_pool_down() -> None:
+    before = set(threading.enumerate())  # a pool another test left open is not this cache's
+
+    def own_pool_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX) and t not in before]
+
     h = cache_harness(runner=None)
     await h.cache.load("a")
-    assert any(t.name.startswith(THREAD_PREFIX) for t in threading.enumerate())
+    assert own_pool_threads()
     await h.cache.close()
-    await eventually(
-        lambda: not any(t.name.startswith(THREAD_PREFIX) for t in threading.enumerate()),
-        what="the earshot-load threads to exit",
-    )
+    await eventually(lambda: not own_pool_threads(), what="the cache's earshot-load threads to exit")
 
 
 async def test_an_injected_runner_runs_every_blocking_call() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -89,18 +89,34 @@ class StreamingBackend(FakeBackend):
         super().unload(handle.inner)
 
 
-def service(models: list[str], *, concurrency: int, **config: Any) -> tuple[LocalInference, StreamingBackend]:
-    backend = StreamingBackend()
-    catalog = Catalog([make_spec(m) for m in models])
-    backends = {Task.TRANSCRIPTION.value: backend}
-    cache = ModelCache(catalog, backends, CacheConfig(**config), release_memory=lambda: None)
-    inference = LocalInference(
-        cache, catalog, backends, Workers(concurrency), tracer=NoOpTracer(), record=lambda **_: None
-    )
-    return inference, backend
+Service = Callable[..., tuple[LocalInference, StreamingBackend]]
 
 
-async def test_loads_complete_while_long_inferences_hold_many_threads() -> None:
+@pytest.fixture
+async def service() -> AsyncIterator[Service]:
+    """Builds a LocalInference on a real cache; every cache built is closed after the test, so
+    its own pool's earshot-load threads do not outlive it (other tests count those threads)."""
+    caches: list[ModelCache] = []
+
+    def build(
+        models: list[str], *, concurrency: int, **config: Any
+    ) -> tuple[LocalInference, StreamingBackend]:
+        backend = StreamingBackend()
+        catalog = Catalog([make_spec(m) for m in models])
+        backends = {Task.TRANSCRIPTION.value: backend}
+        cache = ModelCache(catalog, backends, CacheConfig(**config), release_memory=lambda: None)
+        caches.append(cache)
+        inference = LocalInference(
+            cache, catalog, backends, Workers(concurrency), tracer=NoOpTracer(), record=lambda **_: None
+        )
+        return inference, backend
+
+    yield build
+    for cache in caches:
+        await cache.close()
+
+
+async def test_loads_complete_while_long_inferences_hold_many_threads(service: Service) -> None:
     """More long inferences than the default executor has threads: a load of another model still
     runs at once (loads and inference never share a pool)."""
     models = [f"m{i}" for i in range(12)] + ["other"]
@@ -119,7 +135,7 @@ async def test_loads_complete_while_long_inferences_hold_many_threads() -> None:
     assert texts == ["word1 word2"] * 12
 
 
-async def test_requests_waiting_for_an_inference_slot_count_toward_max_waiting() -> None:
+async def test_requests_waiting_for_an_inference_slot_count_toward_max_waiting(service: Service) -> None:
     inference, backend = service(["a"], concurrency=1, max_waiting=2)
     first = asyncio.create_task(inference.transcribe("a", AUDIO, TranscribeOptions()))
     await eventually(lambda: len(backend.running) == 1)
@@ -134,7 +150,9 @@ async def test_requests_waiting_for_an_inference_slot_count_toward_max_waiting()
     assert inference.waiting_requests() == 0
 
 
-async def test_a_cancelled_stream_stops_at_the_next_segment_and_gives_the_model_back() -> None:
+async def test_a_cancelled_stream_stops_at_the_next_segment_and_gives_the_model_back(
+    service: Service,
+) -> None:
     inference, backend = service(["a"], concurrency=1)
     stream = await inference.transcribe_stream("a", AUDIO, TranscribeOptions())
     consumer = asyncio.create_task(anext(aiter(stream)))
@@ -149,7 +167,7 @@ async def test_a_cancelled_stream_stops_at_the_next_segment_and_gives_the_model_
     assert backend.running == []
 
 
-async def test_a_stream_opened_in_one_task_is_read_and_closed_in_another() -> None:
+async def test_a_stream_opened_in_one_task_is_read_and_closed_in_another(service: Service) -> None:
     """Litestar starts a stream in the handler's task and sends (and closes) it in another."""
     inference, backend = service(["a"], concurrency=1)
     backend.gate.set()
@@ -175,7 +193,9 @@ def test_workers_need_a_slot() -> None:
 _ = ModelSpec  # re-exported type used in annotations above
 
 
-async def test_a_request_cancelled_during_inference_gives_the_model_back_after_its_step() -> None:
+async def test_a_request_cancelled_during_inference_gives_the_model_back_after_its_step(
+    service: Service,
+) -> None:
     """A client gone mid-transcription: the request task is cancelled while a segment is decoding;
     that step finishes, no further one starts, and the model's reference and slot are returned."""
     inference, backend = service(["a"], concurrency=1)
@@ -193,7 +213,9 @@ async def test_a_request_cancelled_during_inference_gives_the_model_back_after_i
     assert backend.running == []
 
 
-async def test_a_held_model_is_given_back_when_the_holder_is_cancelled_mid_inference() -> None:
+async def test_a_held_model_is_given_back_when_the_holder_is_cancelled_mid_inference(
+    service: Service,
+) -> None:
     inference, backend = service(["a"], concurrency=1)
 
     async def session() -> None:
