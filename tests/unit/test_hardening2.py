@@ -8,9 +8,13 @@ hook that runs in the worker before it decodes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import signal
+import subprocess
+import sys
+import time
 import tracemalloc
 import wave
 from collections.abc import AsyncIterator
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import psutil
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -140,6 +145,51 @@ async def test_a_cancelled_decode_gives_its_worker_back(pool: DecodePool, jfk_fl
     await asyncio.gather(*tasks, return_exceptions=True)
     for _ in range(4):
         assert (await asyncio.wait_for(pool.decode(jfk), 60)).size > 0
+
+
+OWNER = """
+import asyncio, psutil
+from earshot.audio.pool import DecodePool
+
+async def main():
+    pool = DecodePool(2)
+    await pool.warm()
+    print(" ".join(str(p.pid) for p in psutil.Process().children(recursive=True)), flush=True)
+    await asyncio.sleep(300)
+
+asyncio.run(main())
+"""
+
+
+def ended(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_the_workers_end_when_the_server_is_killed() -> None:
+    """The OOM killer, a SIGKILL, or uvicorn re-raising SIGTERM after its shutdown ends the server
+    without its interpreter's exit: its decode workers (children of the fork server, each holding
+    both ends of its own call pipe) and the fork server must not live on."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert owner.stdout is not None
+        helpers = [int(pid) for pid in owner.stdout.readline().split()]
+        workers = [pid for pid in helpers if "forkserver" in " ".join(psutil.Process(pid).cmdline())]
+        assert len(workers) >= 3, helpers  # the fork server and the two workers forked from it
+        owner.kill()
+        owner.wait(10)
+        deadline = time.monotonic() + 20
+        while not all(ended(pid) for pid in helpers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [pid for pid in helpers if not ended(pid)] == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(owner.pid, signal.SIGKILL)  # whatever the test left: the same process group
+        owner.wait(10)
 
 
 def test_a_1_hz_header_is_refused_before_resampling_allocates() -> None:

@@ -13,6 +13,13 @@ and loads. Each worker runs under limits set at its start:
 - `RLIMIT_CPU` (soft, renewed before each decode): `cpu_seconds` of CPU per decode; past it the
   kernel ends the worker (SIGXCPU).
 
+A worker also ends as soon as the server process does, however it ends. The workers are children
+of the fork server, not of the server, and each holds both ends of its executor's call pipe, so
+nothing else tells them: a server killed by a signal (SIGKILL, the OOM killer, or uvicorn's own
+re-raise of SIGTERM once it has shut down, which skips the interpreter's exit and with it the
+executors' last sentinels) would otherwise leave idle workers, the fork server and the resource
+tracker behind for good. Each worker watches the server with a pidfd (`_exit_with`).
+
 One executor per worker, not one executor of `workers` processes: a dead process breaks its whole
 `ProcessPoolExecutor` (every future of it fails with `BrokenProcessPool`), which would fail the
 innocent decodes running beside the culprit. Here only the request whose worker died gets
@@ -28,6 +35,9 @@ import logging
 import multiprocessing
 import os
 import resource
+import select
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, BinaryIO, Literal, Protocol
@@ -73,8 +83,38 @@ def _vm_size() -> int:
     return 0  # pragma: no cover - not Linux
 
 
-def _init_worker(memory_bytes: int | None) -> None:
+def _wait_for_exit(pid: int) -> None:
+    """Return once process `pid` has ended (at once if it has already)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):  # pragma: no cover - no pidfd (Linux before 5.3)
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(1.0)
+    try:
+        select.select([fd], [], [])  # a pidfd turns readable when its process ends
+    finally:
+        os.close(fd)
+
+
+def _exit_with(server_pid: int) -> None:
+    """In the worker: a daemon thread that ends this process once the server has ended."""
+
+    def watch() -> None:
+        _wait_for_exit(server_pid)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="earshot-decode-exit-with-server", daemon=True).start()
+
+
+def _init_worker(memory_bytes: int | None, server_pid: int) -> None:
     """Runs once in each new worker process."""
+    _exit_with(server_pid)  # its stack counts in the address space measured below
     # The worker decodes one input at a time: no BLAS thread pools reserving address space.
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = "1"
@@ -186,7 +226,7 @@ class DecodePool:
             max_workers=1,
             mp_context=self._context,
             initializer=_init_worker,
-            initargs=(self.memory_bytes,),
+            initargs=(self.memory_bytes, os.getpid()),
         )
         self._all.add(executor)
         return executor
