@@ -108,7 +108,9 @@ def run_server(
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    if process.poll() is not None:
+    if process.poll() is not None:  # it ended already: end what it left in its process group
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
