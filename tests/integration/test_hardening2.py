@@ -23,7 +23,8 @@ import pytest
 
 from tests.support.audio import clip_wav, pcm16, wav
 from tests.support.server import Server, run_server
-from tests.unit.test_hardening2 import multichannel_wav, surround_flac
+from tests.support.stack import wait_until
+from tests.unit.test_hardening2 import ended, left, multichannel_wav, surround_flac
 
 STT = "faster-whisper-tiny.en"
 TTS = "kokoro-82m-v1.0-int8"
@@ -190,13 +191,6 @@ def test_a_transcription_whose_client_leaves_stops(srv: Server, jfk_flac: Path) 
     assert healthy(srv)
 
 
-def alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def test_shutdown_under_load_answers_503_and_logs_no_traceback(
     models_dir: Path, tmp_path: Path, jfk_flac: Path
 ) -> None:
@@ -221,7 +215,7 @@ def test_shutdown_under_load_answers_503_and_logs_no_traceback(
             b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
         )
         time.sleep(3)
-        helpers = psutil.Process(server.process.pid).children(recursive=True)  # decode workers &c.
+        helpers = [p.pid for p in psutil.Process(server.process.pid).children(recursive=True)]
         server.process.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(120)
@@ -233,10 +227,7 @@ def test_shutdown_under_load_answers_503_and_logs_no_traceback(
         log = server.log_path.read_text()
         # uvicorn ends the process by re-raising SIGTERM, skipping the interpreter's exit: the decode
         # workers (and so the fork server) must still end with it.
-        deadline = time.monotonic() + 20
-        while any(alive(p) for p in helpers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert [p.cmdline()[-1][:60] for p in helpers if alive(p)] == []
+        wait_until(lambda: all(map(ended, helpers)), 20, lambda: f"still running: {left(helpers)}")
     assert len(results) == 4
     for r in results:
         assert isinstance(r, httpx.Response), r

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import tracemalloc
 import wave
 from collections.abc import AsyncIterator
@@ -31,6 +30,7 @@ from earshot.audio.decode import MAX_CHANNELS, decode_audio
 from earshot.audio.errors import AudioDecodeError, AudioTooLong
 from earshot.audio.pool import DecodePool
 from tests.support.audio import wav as mono_wav
+from tests.support.stack import wait_until
 
 
 def multichannel_wav(channels: int, *, rate: int = 16000, seconds: float = 1.0) -> bytes:
@@ -168,6 +168,16 @@ def ended(pid: int) -> bool:
         return True
 
 
+def left(pids: list[int]) -> list[str]:
+    """What is still running of `pids`: their command lines, cut short."""
+    out = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if not ended(pid):
+                out.append(f"{pid} {' '.join(psutil.Process(pid).cmdline())[:80]}")
+    return out
+
+
 def test_the_workers_end_when_the_server_is_killed() -> None:
     """The OOM killer, a SIGKILL, or uvicorn re-raising SIGTERM after its shutdown ends the server
     without its interpreter's exit: its decode workers (children of the fork server, each holding
@@ -178,14 +188,11 @@ def test_the_workers_end_when_the_server_is_killed() -> None:
     try:
         assert owner.stdout is not None
         helpers = [int(pid) for pid in owner.stdout.readline().split()]
-        workers = [pid for pid in helpers if "forkserver" in " ".join(psutil.Process(pid).cmdline())]
-        assert len(workers) >= 3, helpers  # the fork server and the two workers forked from it
+        forked = [pid for pid in helpers if "forkserver" in " ".join(psutil.Process(pid).cmdline())]
+        assert len(forked) >= 3, helpers  # the fork server and the two workers forked from it
         owner.kill()
         owner.wait(10)
-        deadline = time.monotonic() + 20
-        while not all(ended(pid) for pid in helpers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert [pid for pid in helpers if not ended(pid)] == []
+        wait_until(lambda: all(map(ended, helpers)), 20, lambda: f"still running: {left(helpers)}")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(owner.pid, signal.SIGKILL)  # whatever the test left: the same process group
